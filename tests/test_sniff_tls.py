@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import ssl
 import struct
@@ -78,7 +79,7 @@ def frame(message: bytes, cuts: tuple[int, ...] = (), version: int = 0x0301) -> 
     """Wrap a handshake message into handshake records, splitting it at the sorted offsets ``cuts``."""
     bounds = [0, *sorted(set(cuts)), len(message)]
     header = b"\x16" + struct.pack("!H", version)
-    return b"".join(header + vec(2, message[a:b]) for a, b in zip(bounds, bounds[1:]))
+    return b"".join(header + vec(2, message[a:b]) for a, b in itertools.pairwise(bounds))
 
 
 def message_in(record_bytes: bytes) -> bytes:

@@ -32,7 +32,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from egressd.hostport import IPAddress
+from egressd.hostport import IPAddress, ip_text
 
 __all__ = ["AddressCheck", "IPNetwork", "check", "classify", "embedded_ipv4", "parse_cidr"]
 
@@ -214,8 +214,8 @@ class AddressCheck:
     def describe(self) -> str:
         """One line for error bodies and logs, e.g. ``169.254.169.254 is link-local (cloud metadata endpoint)``."""
         if self.category is None:
-            return f"{self.ip} is global unicast"
-        text = f"{self.ip} is {self._what()}"
+            return f"{ip_text(self.ip)} is global unicast"
+        text = f"{ip_text(self.ip)} is {self._what()}"
         if self.allowed_by is not None:
             text += f"; re-admitted by allow_cidrs entry {self.allowed_by}"
         return text

@@ -25,14 +25,16 @@ from dataclasses import dataclass
 
 import idna
 
-__all__ = ["BadDestination", "Destination", "IPAddress", "normalize_host", "parse_authority", "parse_ip"]
+__all__ = [
+    "BadDestination", "Destination", "IPAddress", "ip_text", "normalize_host", "parse_authority", "parse_ip",
+]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
 _NUMERIC_LABEL = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)\Z")
 _DOTTED_QUAD = re.compile(r"(?:0|[1-9][0-9]{0,2})(?:\.(?:0|[1-9][0-9]{0,2})){3}\Z")
-_PORT = re.compile(r"[0-9]{1,5}\Z")
+_PORT = re.compile(r"[1-9][0-9]{0,4}\Z")
 _ASCII_NAME_CHARS = re.compile(r"[A-Za-z0-9._-]+\Z")
 
 
@@ -53,6 +55,9 @@ class Destination:
     def __post_init__(self) -> None:
         if not 1 <= self.port <= 65535:
             raise BadDestination(f"port {self.port} is out of range 1-65535")
+        canonical = parse_ip(self.host) is None if self.ip is None else ip_text(self.ip) == self.host
+        if not canonical:
+            raise BadDestination(f"{self.host!r}: host and ip disagree; build destinations with parse_authority()")
 
     @property
     def authority(self) -> str:
@@ -62,6 +67,13 @@ class Destination:
         return f"{self.host}:{self.port}"
 
 
+def ip_text(ip: IPAddress) -> str:
+    """The one textual form of an address, the same on every Python (mapped IPv6 as ``::ffff:1.2.3.4``)."""
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return f"::ffff:{ip.ipv4_mapped}"
+    return str(ip)
+
+
 def parse_ip(text: str) -> IPAddress | None:
     """Return the IP address ``text`` spells in canonical form, None if it is not an IP literal.
 
@@ -69,7 +81,7 @@ def parse_ip(text: str) -> IPAddress | None:
     as an address but that are not canonical (``0177.0.0.1``, ``0x7f000001``,
     ``127.1``, ``fe80::1%eth0``).
     """
-    if "%" in text:
+    if "%" in text and ":" in text:
         raise BadDestination(f"{text!r}: IPv6 zone identifiers are not accepted; write the address without '%zone'")
     if ":" in text:
         try:
@@ -96,10 +108,10 @@ def normalize_host(text: str) -> str:
         ip = parse_ip(inner)
         if ip is None or ip.version != 6:
             raise BadDestination(f"{text!r}: only IPv6 addresses may be written in brackets")
-        return str(ip)
+        return ip_text(ip)
     ip = parse_ip(text)
     if ip is not None:
-        return str(ip)
+        return ip_text(ip)
     return _normalize_name(text)
 
 
@@ -162,7 +174,7 @@ def parse_authority(text: str, default_port: int | None = None) -> Destination:
         port = default_port
     else:
         if not _PORT.match(port_text):
-            raise BadDestination(f"{text!r}: port {port_text!r} is not a number 1-65535")
+            raise BadDestination(f"{text!r}: port {port_text!r} is not a decimal number 1-65535 (no leading zeros)")
         port = int(port_text)
     host = normalize_host(host_text)
     ip = parse_ip(host) if (host[0].isdigit() or ":" in host) else None

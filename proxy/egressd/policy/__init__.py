@@ -1,0 +1,47 @@
+"""Policy: which service may reach which destination, and why.
+
+    allowlists/*.yaml --loader--> Policy (frozen; RuleSets per service + global)
+                                      |
+    (service, Destination) --decide--> Decision(verdict, reason, rule file:line)
+
+* :mod:`~egressd.policy.model`: the frozen values (Rule, Policy, Decision, Reason).
+* :mod:`~egressd.policy.loader`: YAML format v1 -> Policy, or PolicyError with every file:line error.
+* :mod:`~egressd.policy.match`: the pattern grammar and the no-scan index (RuleSet).
+* :mod:`~egressd.policy.decide`: the numbered precedence, a pure function.
+
+The format and its semantics are documented for authors in ``allowlists/README.md``.
+"""
+
+from egressd.policy.decide import decide
+from egressd.policy.loader import LoadError, PolicyError, load_policy, validate
+from egressd.policy.match import RuleSet, parse_pattern
+from egressd.policy.model import (
+    AUDITABLE_REASONS,
+    DEFAULT_PORTS,
+    Decision,
+    Mode,
+    Policy,
+    Reason,
+    Rule,
+    ServicePolicy,
+    Verdict,
+)
+
+__all__ = [
+    "AUDITABLE_REASONS",
+    "DEFAULT_PORTS",
+    "Decision",
+    "LoadError",
+    "Mode",
+    "Policy",
+    "PolicyError",
+    "Reason",
+    "Rule",
+    "RuleSet",
+    "ServicePolicy",
+    "Verdict",
+    "decide",
+    "load_policy",
+    "parse_pattern",
+    "validate",
+]

@@ -1,0 +1,125 @@
+"""The compiled policy and the values a decision is made of.
+
+Everything here is immutable: a Policy is built once per (re)load by
+:mod:`egressd.policy.loader` and swapped in whole; a Decision is made once by
+:func:`egressd.policy.decide.decide` and never edited afterwards.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from egressd.policy.match import RuleSet
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_PORTS = frozenset({443})
+TLS_PORT = 443
+
+
+class Verdict(enum.Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+class Mode(enum.Enum):
+    ENFORCE = "enforce"
+    AUDIT = "audit"
+
+
+class Reason(enum.Enum):
+    """Why a connection ended the way it did: a closed set, asserted by tests and used as a metric label."""
+
+    ALLOWED = "allowed"
+    NOT_ALLOWLISTED = "not_allowlisted"
+    PORT_NOT_ALLOWED = "port_not_allowed"
+    DENYLISTED = "denylisted"
+    SNI_MISMATCH = "sni_mismatch"
+    SNI_MISSING = "sni_missing"
+    HOST_MISMATCH = "host_mismatch"
+    BAD_REQUEST = "bad_request"
+    FORBIDDEN_ADDRESS = "forbidden_address"
+    DNS_FAILURE = "dns_failure"
+    UPSTREAM_FAILURE = "upstream_failure"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    NO_IDENTITY = "no_identity"
+    OVERLOADED = "overloaded"
+
+
+# Reasons that `mode: audit` turns into an allow with would_deny=true. Everything
+# else (global deny, address rules, name binding, parse errors) still denies.
+AUDITABLE_REASONS = frozenset({Reason.NOT_ALLOWLISTED, Reason.PORT_NOT_ALLOWED})
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One allow or deny entry, with the file:line it came from.
+
+    Exactly one of ``host`` (a canonical pattern: ``name``, ``*.name`` or
+    ``**.name``) and ``cidr`` is set. ``ports`` is None for "any port" (deny
+    rules). ``tls`` None means "TLS on port 443 only".
+    """
+
+    source: str
+    host: str | None = None
+    cidr: IPNetwork | None = None
+    ports: frozenset[int] | None = DEFAULT_PORTS
+    tls: bool | None = None
+
+    def __post_init__(self) -> None:
+        if (self.host is None) == (self.cidr is None):
+            raise ValueError("a rule has exactly one of host and cidr")
+
+    def allows_port(self, port: int) -> bool:
+        return self.ports is None or port in self.ports
+
+    def requires_tls(self, port: int) -> bool:
+        return port == TLS_PORT if self.tls is None else self.tls
+
+    @property
+    def pattern(self) -> str:
+        return self.host if self.host is not None else str(self.cidr)
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePolicy:
+    name: str
+    mode: Mode
+    allow: RuleSet
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A whole loaded allowlists directory. ``version`` is a hash of the files' bytes."""
+
+    services: Mapping[str, ServicePolicy]
+    global_allow: RuleSet
+    global_deny: RuleSet
+    allow_cidrs: tuple[IPNetwork, ...]
+    version: str
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of the policy step: a verdict, a reason from the closed set, and the rule that matched."""
+
+    verdict: Verdict
+    reason: Reason
+    rule: Rule | None = None
+    would_deny: bool = False
+    tls_required: bool = False
+
+    @property
+    def allowed(self) -> bool:
+        return self.verdict is Verdict.ALLOW
+
+    @property
+    def source(self) -> str | None:
+        return self.rule.source if self.rule is not None else None

@@ -1,0 +1,283 @@
+"""The allowlist loader: the shipped files load, and each invalid file fails with its exact file:line message."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from egressd.policy import LoadError, Mode, PolicyError, load_policy, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+ERRORS = "tests/allowlist_errors"
+
+_PSL = "would match every site registered under it; name a registrable domain, e.g."
+_PORT = "is not a decimal number 1-65535 (no leading zeros or signs)"
+_ONLY_GLOBAL = "is allowed only in _global.yaml, the one global file; move it there"
+_ONE_OF = "an allow rule needs exactly one of host: and cidr: (write two rules for two destinations)"
+
+# case directory -> every error, exactly as printed, relative to tests/allowlist_errors/
+CASES: dict[str, list[str]] = {
+    "missing_version": [
+        "missing_version/payments-api.yaml:1: version: is missing; add `version: v1` at the top of the file"
+    ],
+    "unknown_version": [
+        'unknown_version/payments-api.yaml:1: version "v2" is not supported; this egressd reads `version: v1`'
+    ],
+    "name_mismatch": [
+        'name_mismatch/payment-api.yaml:2: service "payments-api" does not match the file name; '
+        "rename the file to payments-api.yaml"
+    ],
+    "bad_service_name": [
+        'bad_service_name/payments_api.yaml:2: service "payments_api" is not a Kubernetes name (lower-case letters, '
+        'digits and "-", starting and ending with a letter or digit, at most 63 characters), e.g. "payments-api"'
+    ],
+    "missing_service": ["missing_service/payments-api.yaml:1: service: is missing; add `service: payments-api`"],
+    "global_in_service_file": [f"global_in_service_file/payments-api.yaml:3: global: {_ONLY_GLOBAL}"],
+    "two_globals": [
+        "two_globals/more-globals.yaml:1: service: is missing; add `service: more-globals`",
+        f"two_globals/more-globals.yaml:2: global: {_ONLY_GLOBAL}",
+        f"two_globals/more-globals.yaml:3: deny: {_ONLY_GLOBAL}",
+    ],
+    "service_in_global": [
+        "service_in_global/_global.yaml:3: service: does not belong in _global.yaml; "
+        "put a service's rules in <service>.yaml",
+        "service_in_global/_global.yaml:4: mode: does not belong in _global.yaml; set mode: in each service's file",
+    ],
+    "global_missing": ["global_missing/_global.yaml:1: global: is missing; _global.yaml must say `global: true`"],
+    "global_false": ['global_false/_global.yaml:2: global "false" is not valid; write global: true'],
+    "yml_file": ["yml_file/payments-api.yml: .yml files are not read; rename it to payments-api.yaml"],
+    "reserved_underscore": [
+        "reserved_underscore/_defaults.yaml: names starting with '_' are reserved and _global.yaml is the only one; "
+        "rename the file"
+    ],
+    "empty_dir": ["empty_dir: no allowlist files (*.yaml) found; add one file per service"],
+    "unquoted_wildcard": [
+        "unquoted_wildcard/payments-api.yaml:4: YAML syntax error: while scanning an alias, expected alphabetic or "
+        "numeric character, but found '.'; fix the YAML (a value starting with \"*\" must be quoted: "
+        'host: "*.example.com")'
+    ],
+    "yaml_alias": [
+        "yaml_alias/payments-api.yaml:7: YAML syntax error: found an alias, and aliases are not allowed; "
+        "fix the YAML (write the value out in full where it applies)"
+    ],
+    "multi_document": [
+        "multi_document/payments-api.yaml:3: YAML syntax error: expected a single document in the stream, but found "
+        "another document; fix the YAML (one document per file: remove the second '---')"
+    ],
+    "empty_file": ["empty_file/payments-api.yaml:1: file is empty; start it with `version: v1`"],
+    "not_utf8": ["not_utf8/payments-api.yaml:4: is not UTF-8 text; save the file as UTF-8"],
+    "not_a_mapping": [
+        "not_a_mapping/payments-api.yaml:1: an allowlist file must be a mapping with keys from: "
+        "version, service, mode, allow"
+    ],
+    "duplicate_key": ['duplicate_key/payments-api.yaml:5: duplicate key "allow" (first on line 3); keep one of them'],
+    "unknown_key": [
+        'unknown_key/payments-api.yaml:4: unknown key "hosts" in an allow rule; '
+        "allowed keys are: host, cidr, ports, tls"
+    ],
+    "unknown_top_key": [
+        'unknown_top_key/payments-api.yaml:3: unknown key "allowed" in an allowlist file; '
+        "allowed keys are: version, service, mode, allow"
+    ],
+    "deny_in_service": [f"deny_in_service/payments-api.yaml:3: deny: {_ONLY_GLOBAL}"],
+    "mode_on": ['mode_on/payments-api.yaml:3: mode "on" is not valid; write mode: enforce or mode: audit'],
+    "octal_port": [f'octal_port/payments-api.yaml:5: port "0443" {_PORT}'],
+    "port_out_of_range": [
+        f'port_out_of_range/payments-api.yaml:5: port "0" {_PORT}',
+        f'port_out_of_range/payments-api.yaml:5: port "65536" {_PORT}',
+        f'port_out_of_range/payments-api.yaml:5: port "-1" {_PORT}',
+    ],
+    "duplicate_port": ["duplicate_port/payments-api.yaml:7: port 443 is listed twice; remove one"],
+    "empty_ports": [
+        "empty_ports/payments-api.yaml:5: ports is empty; list at least one port, "
+        "or remove ports: for the default [443]"
+    ],
+    "ports_not_list": ["ports_not_list/payments-api.yaml:5: ports must be a list; write ports: [443]"],
+    "tls_yes": ['tls_yes/payments-api.yaml:5: tls "yes" is not valid; write tls: true or tls: false'],
+    "host_and_cidr": [f"host_and_cidr/payments-api.yaml:4: {_ONE_OF}"],
+    "neither_host_nor_cidr": [f"neither_host_nor_cidr/payments-api.yaml:4: {_ONE_OF}"],
+    "rule_not_mapping": [
+        "rule_not_mapping/payments-api.yaml:4: an allow rule must be a mapping with keys from: host, cidr, ports, tls"
+    ],
+    "allow_empty_value": ["allow_empty_value/payments-api.yaml:3: allow must be a list; write allow: [] for none"],
+    "empty_host": ["empty_host/payments-api.yaml:4: host is empty; give it a value"],
+    "bare_wildcard": [
+        'bare_wildcard/payments-api.yaml:4: host "*" would match every host; name a domain, e.g. "*.example.com"',
+        'bare_wildcard/payments-api.yaml:5: host "**" would match every host; name a domain, e.g. "*.example.com"',
+    ],
+    "inner_wildcard": [
+        f'inner_wildcard/payments-api.yaml:{line}: host "{host}": "*" is allowed only as the whole first label; '
+        'write "*.example.com" (one more label) or "**.example.com" (one or more)'
+        for line, host in ((4, "api*.example.com"), (5, "a.*.example.com"))
+    ],
+    "public_suffix": [
+        f'public_suffix/payments-api.yaml:4: host "*.com": wildcard directly over public suffix "com" {_PSL} '
+        '"*.example.com"',
+        f'public_suffix/payments-api.yaml:5: host "**.co.jp": wildcard directly over public suffix "co.jp" {_PSL} '
+        '"**.example.co.jp"',
+        f'public_suffix/payments-api.yaml:6: host "*.github.io": wildcard directly over public suffix "github.io" '
+        f'{_PSL} "*.example.github.io"',
+    ],
+    "ip_host": [
+        'ip_host/payments-api.yaml:4: host "10.0.0.1" is an IP address, and IP destinations never match host rules; '
+        "write cidr: 10.0.0.1/32",
+        'ip_host/payments-api.yaml:5: host "[2001:db8::1]" is an IP address, and IP destinations never match host '
+        "rules; write cidr: 2001:db8::1/128",
+    ],
+    "bad_host": [
+        "bad_host/payments-api.yaml:4: invalid host: 'a..example.com': label '' is not a DNS label "
+        "(letters, digits, '-', '_'; 1-63 characters)",
+        "bad_host/payments-api.yaml:5: invalid host: '0x7f000001' looks like an IP address in a non-canonical form; "
+        "write IPv4 as four decimal parts (1.2.3.4)",
+    ],
+    "bad_cidr": [
+        "bad_cidr/payments-api.yaml:4: invalid cidr: 10.0.0.1/24 has host bits set; did you mean 10.0.0.0/24?",
+        "bad_cidr/payments-api.yaml:5: invalid cidr: 10.0.0.0/33: prefix length 33 is out of range 0-32 for IPv4",
+        "bad_cidr/payments-api.yaml:6: invalid cidr: 10.0.0.0/255.0.0.0: write the prefix length, "
+        "not a mask or padded number: 10.0.0.0/8",
+    ],
+    "cidr_everything": [
+        "cidr_everything/payments-api.yaml:4: cidr 0.0.0.0/0 would admit every address; name the network you need",
+        "cidr_everything/payments-api.yaml:5: cidr ::/0 would admit every address; name the network you need",
+    ],
+    "deny_ports": ["deny_ports/_global.yaml:5: deny rules apply to every port; remove ports:"],
+    "duplicate_rule": [
+        "duplicate_rule/payments-api.yaml:5: allow rule api.stripe.com repeats the rule on line 4; remove one"
+    ],
+    "duplicate_allow_cidr": [
+        "duplicate_allow_cidr/_global.yaml:5: allow_cidrs lists 10.96.0.0/12 twice; remove one",
+        "duplicate_allow_cidr/_global.yaml:6: invalid allow_cidrs entry: 10.96.0.1/12 has host bits set; "
+        "did you mean 10.96.0.0/12?",
+    ],
+}
+
+
+@pytest.fixture(autouse=True)
+def _at_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+
+
+def _copy_shipped(tmp_path: Path) -> Path:
+    target = tmp_path / "allowlists"
+    shutil.copytree(ROOT / "allowlists", target)
+    return target
+
+
+def test_every_case_directory_has_a_table_entry() -> None:
+    """Each fixture directory under tests/allowlist_errors is asserted by exactly one case below."""
+    assert sorted(p.name for p in (ROOT / ERRORS).iterdir()) == sorted([*CASES, "many_errors"])
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_invalid_file_reports_exact_errors(case: str) -> None:
+    """An invalid allowlist fails with exactly these file:line messages, each naming the fix."""
+    expected = [f"{ERRORS}/{line}" for line in CASES[case]]
+    assert [str(error) for error in validate(f"{ERRORS}/{case}")] == expected
+    with pytest.raises(PolicyError) as info:
+        load_policy(f"{ERRORS}/{case}")
+    assert str(info.value) == "\n".join(expected)
+
+
+def test_errors_in_several_files_are_all_reported() -> None:
+    """load_policy does not stop at the first error: every error of every file is listed, by file then line."""
+    with pytest.raises(PolicyError) as info:
+        load_policy(f"{ERRORS}/many_errors")
+    assert [str(error) for error in info.value.errors] == [
+        f'{ERRORS}/many_errors/checkout-web.yaml:2: service "checkout" does not match the file name; '
+        "rename the file to checkout.yaml",
+        f'{ERRORS}/many_errors/checkout-web.yaml:5: tls "yes" is not valid; write tls: true or tls: false',
+        f'{ERRORS}/many_errors/payments-api.yaml:3: mode "on" is not valid; write mode: enforce or mode: audit',
+        f'{ERRORS}/many_errors/payments-api.yaml:5: host "*.com": wildcard directly over public suffix "com" '
+        f'{_PSL} "*.example.com"',
+        f'{ERRORS}/many_errors/payments-api.yaml:7: port "0443" {_PORT}',
+    ]
+    assert info.value.errors[0] == LoadError(f"{ERRORS}/many_errors/checkout-web.yaml", 2, info.value.errors[0].message)
+
+
+def test_missing_or_non_directory(tmp_path: Path) -> None:
+    """A missing directory, or a file given as the directory, is an error, never an empty policy."""
+    fix = "pass the directory that holds the *.yaml files"
+    assert [str(e) for e in validate(tmp_path / "nope")] == [
+        f"{tmp_path / 'nope'}: cannot read the allowlist directory (No such file or directory); {fix}"
+    ]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(PolicyError) as info:
+        load_policy(tmp_path / "file")
+    assert str(info.value) == f"{tmp_path / 'file'}: cannot read the allowlist directory (Not a directory); {fix}"
+
+
+def test_shipped_allowlists_load() -> None:
+    """The allowlists/ directory in the repository loads cleanly, with rules pointing at their file:line."""
+    assert validate("allowlists") == []
+    policy = load_policy("allowlists")
+    assert set(policy.services) == {"payments-api", "checkout-web"}
+    assert policy.services["payments-api"].mode is Mode.ENFORCE
+    assert policy.services["checkout-web"].mode is Mode.AUDIT
+    assert policy.files == ("allowlists/_global.yaml", "allowlists/checkout-web.yaml", "allowlists/payments-api.yaml")
+    assert (
+        policy.services["payments-api"]
+        .allow.match_host("api.stripe.com")[0]
+        .source.startswith("allowlists/payments-api.yaml:")
+    )
+    assert policy.global_deny.match_host("x.pastebin.com") and policy.global_allow.match_host("oauth2.googleapis.com")
+    assert re.fullmatch(r"[0-9a-f]{16}", policy.version)
+
+
+def test_services_mapping_is_immutable() -> None:
+    """The loaded policy's services mapping cannot be changed in place."""
+    policy = load_policy("allowlists")
+    with pytest.raises(TypeError):
+        policy.services["intruder"] = policy.services["payments-api"]  # type: ignore[index]
+
+
+def test_version_hash(tmp_path: Path) -> None:
+    """Policy.version is stable for the same bytes, wherever they are, and changes when one byte changes."""
+    copy = _copy_shipped(tmp_path)
+    original = load_policy("allowlists").version
+    assert load_policy(copy).version == original == load_policy(copy).version
+    path = copy / "checkout-web.yaml"
+    path.write_bytes(path.read_bytes() + b" ")
+    changed = load_policy(copy).version
+    assert changed != original
+    (copy / "README.md").write_text("not part of the policy")
+    assert load_policy(copy).version == changed
+
+
+def test_ignored_entries(tmp_path: Path) -> None:
+    """README.md, dotfiles, subdirectories and other extensions are ignored; files are still all loaded."""
+    copy = _copy_shipped(tmp_path)
+    (copy / ".swp").write_text("junk: [")
+    (copy / "notes.txt").write_text("junk: [")
+    (copy / "..data").mkdir()
+    (copy / "..data" / "x.yaml").write_text("junk: [")
+    (copy / "old").mkdir()
+    assert validate(copy) == []
+    assert len(load_policy(copy).files) == 3
+
+
+def test_same_destination_in_several_files_is_fine(tmp_path: Path) -> None:
+    """The same host and port may be allowed by a service and by the global file; only in-file repeats are errors."""
+    (tmp_path / "a.yaml").write_text('version: v1\nservice: a\nallow:\n  - host: x.example.com\n    ports: ["443"]\n')
+    (tmp_path / "b.yaml").write_text("version: v1\nservice: b\nallow:\n  - host: x.example.com\n")
+    (tmp_path / "_global.yaml").write_text("version: v1\nglobal: true\nallow:\n  - host: x.example.com\n")
+    policy = load_policy(tmp_path)
+    assert policy.services["a"].allow.rules[0].ports == frozenset({443})
+    assert policy.services["b"].mode is Mode.ENFORCE and policy.allow_cidrs == ()
+
+
+def test_readme_error_examples_are_real(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The error lines quoted in allowlists/README.md are exactly what the loader prints."""
+    readme = (ROOT / "allowlists" / "README.md").read_text()
+    quoted = [line for line in readme.splitlines() if line.startswith("allowlists/payments-api.yaml:")]
+    (tmp_path / "allowlists").mkdir()
+    body = (
+        'version: v1\nservice: payments-api\nallow:\n  - host: api.stripe.com\n  - host: "*.com"\n    ports: [0443]\n'
+    )
+    (tmp_path / "allowlists" / "payments-api.yaml").write_text(body)
+    monkeypatch.chdir(tmp_path)
+    assert [str(e) for e in validate("allowlists")] == quoted[:2]
+    (tmp_path / "allowlists" / "payments-api.yaml").write_text(body + "  - host: api.stripe.com\n  - host: *.x.com\n")
+    assert [str(e) for e in validate("allowlists")] == quoted[2:]
