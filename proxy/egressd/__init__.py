@@ -1,0 +1,46 @@
+"""egressd: an egress FQDN-filtering proxy for Kubernetes.
+
+One connection, end to end::
+
+  app ─TCP─▶ listener ─▶ identify ─▶ sniff ─▶ decide ─▶ resolve+pin ─▶ dial ─▶ relay ─▶ audit + metrics
+
+listener
+    :mod:`egressd.listeners.explicit` accepts a client into a
+    :class:`egressd.relay.Side` and reads the request head with h11 (CONNECT
+    host:port, or an absolute-form URL, whose requests
+    :mod:`egressd.listeners.forward` handles one by one). Later listeners
+    (transparent, DNS) sit beside it.
+identify
+    :meth:`egressd.connection.Engine.open` asks the identity step which service
+    the client is (fixed per process for now: ``--service``).
+sniff
+    Pure parsers, bytes in, value out: :mod:`egressd.sniff.http` (request
+    target, Host binding), :mod:`egressd.sniff.tls` (ClientHello SNI);
+    :mod:`egressd.hostport` normalises every name once (IDNA, case, trailing
+    dot, canonical IP literals).
+decide
+    :func:`egressd.policy.decide.decide` over the compiled
+    :class:`egressd.policy.model.Policy` that :mod:`egressd.policy.loader` built
+    from ``allowlists/``: a verdict, a reason from a closed set, the rule's file:line.
+resolve+pin
+    :class:`egressd.resolve.Resolver` looks allowed names up itself (dnspython,
+    TTL cache) and :mod:`egressd.addresses` classifies every answer; only
+    allowed addresses are kept.
+dial
+    :meth:`egressd.connection.Engine.connect` connects to those addresses by IP,
+    in order; the socket layer never resolves again.
+relay
+    On TLS ports the SNI must equal the CONNECT host first; then
+    :func:`egressd.relay.splice` pumps bytes with back-pressure and counters.
+audit + metrics
+    :meth:`egressd.connection.Engine.close` writes one record through
+    :class:`egressd.audit.AuditLog` and counts :mod:`egressd.metrics`, exactly
+    once per connection, whatever path it took.
+
+Around it: :mod:`egressd.app` (start, signals, drain), :mod:`egressd.reload`
+(SIGHUP and file changes, last good policy kept), :mod:`egressd.admin`
+(``/metrics``, ``/healthz``, ``/readyz``), :mod:`egressd.cli`, and
+:mod:`egressd.demo` with the loopback stand-ins of :mod:`egressd.lab`.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,95 @@
+"""The frozen runtime configuration, validated once when it is built."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from egressd.hostport import BadDestination, parse_ip
+from egressd.policy.model import IPNetwork, Mode
+
+HostPort = tuple[str, int]
+
+
+class ConfigError(ValueError):
+    """A flag or environment value that cannot be used; the message names it and the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    allowlists: Path
+    service: str
+    listen: HostPort = ("127.0.0.1", 3128)
+    admin_listen: HostPort | None = ("127.0.0.1", 15020)
+    mode: Mode | None = None
+    allow_cidrs: tuple[IPNetwork, ...] = ()
+    resolvers: tuple[HostPort, ...] = ()
+    audit_log: str | None = None
+    header_timeout: float = 10.0
+    hello_timeout: float = 10.0
+    connect_timeout: float = 5.0
+    idle_timeout: float = 300.0
+    dns_timeout: float = 2.0
+    drain_timeout: float = 10.0
+    max_header_bytes: int = 16384
+    max_connections: int = 4096
+    dns_min_ttl: float = 5.0
+    dns_max_ttl: float = 300.0
+    reload_interval: float = 2.0
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout", "hello_timeout", "connect_timeout", "idle_timeout", "dns_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number of seconds")
+        if self.drain_timeout < 0 or self.reload_interval < 0:
+            raise ConfigError("--drain-timeout and --reload-interval must not be negative")
+        if self.max_header_bytes < 1024:
+            raise ConfigError("--max-header-bytes must be at least 1024")
+        if self.max_connections < 1:
+            raise ConfigError("--max-connections must be at least 1")
+        if not 0 <= self.dns_min_ttl <= self.dns_max_ttl:
+            raise ConfigError("--dns-min-ttl must be between 0 and --dns-max-ttl")
+
+
+def parse_hostport(text: str, what: str, default_port: int | None = None) -> HostPort:
+    """Parse an IP[:port] flag value (``[v6]:port`` or a bare IPv6 address); port 0 means "any free port"."""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else (None if not rest else "bad")
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, None
+    try:
+        ip = parse_ip(host)
+    except BadDestination as exc:
+        raise ConfigError(f"{what} {text!r}: {exc}") from None
+    if ip is None:
+        raise ConfigError(f"{what} {text!r}: give an IP address, not a name (e.g. 127.0.0.1:{default_port or 8080})")
+    if port_text is None and default_port is not None:
+        return (str(ip), default_port)
+    if port_text is None or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(f"{what} {text!r}: expected IP:PORT with a port 0-65535")
+    return (str(ip), int(port_text))
+
+
+def system_resolvers(path: str = "/etc/resolv.conf") -> tuple[HostPort, ...]:
+    """The nameservers of resolv.conf, port 53; empty if the file has none."""
+    found = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    try:
+                        found.append(parse_hostport(parts[1].split("%")[0], "nameserver", 53))
+                    except ConfigError:
+                        continue
+    except OSError:
+        return ()
+    return tuple(found)
+
+
+def env_default(name: str, default: str | None = None) -> str | None:
+    return os.environ.get("EGRESSD_" + name.upper().replace("-", "_"), default)

@@ -1,0 +1,192 @@
+"""One connection's life, the steps every listener shares.
+
+A listener accepts a client, reads what names the destination and calls, in
+order: :meth:`Engine.open` (a Record, and the identity of the client),
+:meth:`Engine.authorize` (the pure policy decision), :meth:`Engine.connect`
+(resolve and pin, then dial only the pinned addresses) and finally
+:meth:`Engine.close`, which emits the record and counts the metrics exactly
+once whatever happened in between. Errors on the way are
+:class:`~egressd.errors.ProxyError`; :meth:`Engine.fail` puts them in the
+record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from collections.abc import Awaitable, Callable
+
+from egressd.audit import AuditLog, Record
+from egressd.config import Config
+from egressd.errors import Denied, ProxyError, UpstreamFailure, UpstreamTimeout
+from egressd.hostport import Destination, IPAddress, ip_text
+from egressd.metrics import Metrics
+from egressd.policy.decide import decide
+from egressd.policy.model import Decision, Policy, Reason
+from egressd.relay import IdleSweeper, Side
+from egressd.resolve import Resolver
+
+Identify = Callable[[tuple], "str | None"]
+Dial = Callable[[IPAddress, int], Awaitable[Side]]
+
+_REASON_TEXT = {
+    Reason.NOT_ALLOWLISTED: "{host} is not in the allowlist of service {service}",
+    Reason.PORT_NOT_ALLOWED: "{host} is allowlisted by {rule} but not on port {port}",
+    Reason.DENYLISTED: "{host} is denied by {rule}",
+    Reason.NO_IDENTITY: "no allowlist is loaded for service {service}",
+}
+
+
+class PolicyHolder:
+    """The policy in force. Replaced whole on reload; a connection reads it once, at its decision."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, policy: Policy | None = None) -> None:
+        self.current = policy
+
+
+class Engine:
+    """The shared state of a running proxy: policy, resolver, audit log, metrics, open connections."""
+
+    def __init__(
+        self,
+        config: Config,
+        policy: PolicyHolder,
+        resolver: Resolver,
+        audit: AuditLog,
+        metrics: Metrics,
+        identify: Identify,
+        dial: Dial | None = None,
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.resolver = resolver
+        self.audit = audit
+        self.metrics = metrics
+        self.identify = identify
+        self.dial = dial or self._dial
+        self.sweeper = IdleSweeper(config.idle_timeout, time.monotonic)
+        self.tasks: set[asyncio.Task] = set()
+        self.clients: set[Side] = set()
+        self._ids = itertools.count(1)
+        self._prefix = f"{os.getpid():x}-{int(time.time()) & 0xFFFFFF:06x}-"
+
+    # -- records --------------------------------------------------------------
+    def open(self, client: Side, listener: str, follows: Record | None = None) -> Record:
+        """A new record for a client connection, identity included; ``follows`` for the next request on it."""
+        if follows is not None:
+            rec = Record(follows.conn_id, time.time(), follows.client, listener, follows.service)
+            rec.request = (follows.request or 1) + 1
+            return rec
+        peer = client.transport.get_extra_info("peername") or ("?", 0)  # type: ignore[union-attr]
+        host = peer[0]
+        client_text = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+        return Record(self._prefix + str(next(self._ids)), time.time(), client_text, listener, self.identify(peer))
+
+    def close(self, rec: Record) -> None:
+        """Emit the record and count it, once; later calls do nothing."""
+        if rec.emitted:
+            return
+        rec.duration_ms = (time.time() - rec.started) * 1000
+        self.metrics.connection_done(
+            rec.service or "-", rec.listener, rec.decision, rec.reason, rec.bytes_up, rec.bytes_down
+        )
+        self.audit.emit(rec)
+
+    @staticmethod
+    def fail(rec: Record, exc: ProxyError) -> None:
+        rec.decision = "deny"
+        rec.reason = exc.reason.value
+        rec.note(str(exc))
+        rec.status = rec.status or exc.status
+
+    # -- the steps --------------------------------------------------------------
+    def authorize(self, rec: Record, dest: Destination) -> Decision:
+        """Decide for rec.service and dest; fill the record; raise Denied when the verdict is deny."""
+        policy = self.policy.current
+        rec.host, rec.port = dest.host, dest.port
+        if policy is None:
+            raise Denied(Reason.NO_IDENTITY, "no policy is loaded; egressd denies everything until one loads")
+        rec.policy_version = policy.version
+        decision = decide(policy, rec.service, dest, self.config.mode)
+        rec.rule = decision.source
+        rec.reason = decision.reason.value
+        rec.would_deny = decision.would_deny
+        if not decision.allowed:
+            text = _REASON_TEXT.get(decision.reason, "{host} is denied")
+            message = text.format(host=dest.host, port=dest.port, service=rec.service, rule=rec.rule)
+            raise Denied(decision.reason, message)
+        rec.decision = "allow"
+        return decision
+
+    async def connect(self, rec: Record, dest: Destination) -> Side:
+        """Resolve and pin dest's addresses, dial them in order, return the connected upstream Side."""
+        policy = self.policy.current
+        allow_cidrs = self.config.allow_cidrs + (policy.allow_cidrs if policy else ())
+        pinned = await self.resolver.pin(dest, allow_cidrs)
+        rec.resolved = [ip_text(ip) for ip in pinned.resolved]
+        rec.dns_ms = pinned.dns_ms
+        if pinned.refused:
+            refused = "; ".join(c.describe() for c in pinned.refused)
+            if not pinned.candidates:
+                raise Denied(Reason.FORBIDDEN_ADDRESS, f"{dest.host} resolves only to refused addresses: {refused}")
+            rec.note("refused " + refused)
+        deadline = time.monotonic() + self.config.connect_timeout
+        timed_out = False
+        errors = []
+        started = time.perf_counter()
+        for n, ip in enumerate(pinned.candidates):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                timed_out = True
+                break
+            remaining = len(pinned.candidates) - n
+            budget = left if remaining == 1 else max(min(left, 0.25), left / remaining)
+            try:
+                async with asyncio.timeout(budget):
+                    upstream = await self.dial(ip, dest.port)
+            except TimeoutError:
+                timed_out = True
+                errors.append(f"{ip}: timed out after {budget:.2f}s")
+                continue
+            except OSError as exc:
+                errors.append(f"{ip}: {exc.strerror or exc}")
+                continue
+            elapsed = time.perf_counter() - started
+            self.metrics.connect_seconds.observe(elapsed)
+            rec.connect_ms = elapsed * 1000
+            rec.upstream = f"[{ip_text(ip)}]:{dest.port}" if ip.version == 6 else f"{ip}:{dest.port}"
+            return upstream
+        rec.connect_ms = (time.perf_counter() - started) * 1000
+        summary = f"cannot connect to {dest.authority}: " + ("; ".join(errors) or "no time left")
+        raise UpstreamTimeout(summary) if timed_out else UpstreamFailure(summary)
+
+    async def _dial(self, ip: IPAddress, port: int) -> Side:
+        loop = asyncio.get_running_loop()
+        _, side = await loop.create_connection(lambda: Side(loop), str(ip), port)
+        return side
+
+    # -- bookkeeping ----------------------------------------------------------
+    def serve(self, client: Side, handler: Callable[[Engine, Side], Awaitable[None]]) -> None:
+        """Run handler(engine, client) on a tracked task, counting the client as active meanwhile."""
+        self.clients.add(client)
+        service = self.identify(client.transport.get_extra_info("peername") or ("?", 0)) or "-"  # type: ignore[union-attr]
+        self.metrics.active[service] += 1
+        task = asyncio.get_running_loop().create_task(handler(self, client))
+        self.tasks.add(task)
+
+        def done(_: asyncio.Task) -> None:
+            self.tasks.discard(task)
+            self.clients.discard(client)
+            self.metrics.active[service] -= 1
+
+        task.add_done_callback(done)
+
+    def denial_body(self, rec: Record, exc: ProxyError) -> bytes:
+        return (
+            f"egressd denied {rec.host or '-'}:{rec.port or '-'} for service {rec.service or '-'}: "
+            f"{exc.reason.value}: {exc}\n"
+        ).encode("utf-8", "replace")

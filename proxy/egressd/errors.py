@@ -1,0 +1,52 @@
+"""The small error hierarchy of the connection path.
+
+Every error that ends a connection carries a reason from the closed set in
+:class:`egressd.policy.model.Reason` and an HTTP status hint; the listener
+turns it into the answer the client sees and the audit record keeps both. Library
+exceptions (dnspython, OSError, h11) are mapped to these at one boundary each
+(resolve.py, connection.py, sniff/http.py), never let through.
+"""
+
+from __future__ import annotations
+
+from egressd.policy.model import Reason
+
+
+class ProxyError(Exception):
+    """A connection cannot go on: ``reason`` for the record, ``status`` for the client, ``str()`` for humans."""
+
+    status = 403
+
+    def __init__(self, reason: Reason, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        if status is not None:
+            self.status = status
+
+
+class BadRequest(ProxyError):
+    """The client's bytes are not a request we can act on (400, or 408/431 where HTTP has a better code)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(Reason.BAD_REQUEST, message, status)
+
+
+class Denied(ProxyError):
+    """Policy, address rules or the name binding refused the destination."""
+
+    status = 403
+
+
+class DnsFailure(ProxyError):
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.DNS_FAILURE, message, 502)
+
+
+class UpstreamFailure(ProxyError):
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.UPSTREAM_FAILURE, message, 502)
+
+
+class UpstreamTimeout(ProxyError):
+    def __init__(self, message: str) -> None:
+        super().__init__(Reason.UPSTREAM_TIMEOUT, message, 504)

@@ -1,0 +1,124 @@
+"""Every metric egressd exports, declared in this one module.
+
+The hot path only adds to plain ints in dicts keyed by label tuples (no locks,
+no prometheus-client objects per connection); :class:`Collector` turns them into
+metric families when Prometheus scrapes. Label values come only from closed
+sets: the service name (from the identity step, not the client's bytes), the
+listener name, the decision and the reason enums. Never a raw host.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+PREFIX = "egressd_"
+
+# name, help, label names
+CONNECTIONS = (
+    "connections_total", "Connections (and forwarded HTTP requests) by outcome.",
+    ("service", "listener", "decision", "reason"),
+)
+DENIALS = ("denials_total", "Denied connections by reason.", ("service", "reason"))
+ACTIVE = ("active_connections", "Client connections open now.", ("service",))
+BYTES = ("bytes_total", "Bytes relayed, up (client to upstream) and down.", ("service", "direction"))
+DNS_SECONDS = ("dns_lookup_seconds", "Time to resolve a name (cache misses only).", ())
+CONNECT_SECONDS = ("upstream_connect_seconds", "Time to open the upstream TCP connection.", ())
+RELOADS = ("policy_reloads_total", "Policy loads by result.", ("result",))
+LOADED_AT = ("policy_loaded_timestamp_seconds", "Unix time the policy in force was loaded.", ())
+DNS_CACHE = ("dns_cache_lookups_total", "Resolver cache lookups by result.", ("result",))
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Histogram:
+    """Bucket counts kept as a plain list; cumulated at scrape time."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, int]]:
+        out, running = [], 0
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+
+class Metrics:
+    """The process's counters. Each method is a dict add on the event loop thread."""
+
+    def __init__(self) -> None:
+        self.connections: defaultdict[tuple[str, str, str, str], int] = defaultdict(int)
+        self.denials: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.active: defaultdict[str, int] = defaultdict(int)
+        self.bytes: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.dns_seconds = Histogram()
+        self.connect_seconds = Histogram()
+        self.reloads: defaultdict[str, int] = defaultdict(int, success=0, error=0)
+        self.dns_cache: defaultdict[str, int] = defaultdict(int)
+        self.loaded_at = 0.0
+
+    def connection_done(self, service: str, listener: str, decision: str, reason: str, up: int, down: int) -> None:
+        self.connections[(service, listener, decision, reason)] += 1
+        if decision == "deny":
+            self.denials[(service, reason)] += 1
+        if up:
+            self.bytes[(service, "up")] += up
+        if down:
+            self.bytes[(service, "down")] += down
+
+    def policy_loaded(self, ok: bool) -> None:
+        self.reloads["success" if ok else "error"] += 1
+        if ok:
+            self.loaded_at = time.time()
+
+
+class Collector:
+    """Exposes a Metrics object in the Prometheus data model."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        yield _counter(CONNECTIONS, m.connections)
+        yield _counter(DENIALS, m.denials)
+        gauge = GaugeMetricFamily(PREFIX + ACTIVE[0], ACTIVE[1], labels=ACTIVE[2])
+        for service, value in list(m.active.items()):
+            gauge.add_metric((service,), value)
+        yield gauge
+        yield _counter(BYTES, m.bytes)
+        for (name, help_text, _), hist in ((DNS_SECONDS, m.dns_seconds), (CONNECT_SECONDS, m.connect_seconds)):
+            yield HistogramMetricFamily(PREFIX + name, help_text, buckets=hist.buckets(), sum_value=hist.total)
+        yield _counter(RELOADS, {(k,): v for k, v in m.reloads.items()})
+        yield _counter(DNS_CACHE, {(k,): v for k, v in m.dns_cache.items()})
+        yield GaugeMetricFamily(PREFIX + LOADED_AT[0], LOADED_AT[1], value=m.loaded_at)
+
+
+def _counter(spec: tuple[str, str, tuple[str, ...]], values: dict) -> CounterMetricFamily:
+    name, help_text, labels = spec
+    family = CounterMetricFamily(PREFIX + name.removesuffix("_total"), help_text, labels=labels)
+    for key, value in list(values.items()):
+        family.add_metric(key, value)
+    return family
+
+
+def registry_for(metrics: Metrics) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector(metrics))
+    registry.register(ProcessCollector(namespace="egressd", registry=None))
+    return registry

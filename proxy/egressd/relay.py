@@ -1,0 +1,233 @@
+"""The byte pump: one asyncio Protocol per TCP connection, two of them per tunnel.
+
+A :class:`Side` starts in *buffer mode*: bytes collect in ``buffer`` and a
+coroutine (the connection's handler) waits for them with :meth:`Side.read_more`
+to parse a request head or a ClientHello. :func:`splice` switches a pair of
+Sides to *splice mode*: from then on ``data_received`` writes each chunk
+straight to the peer's transport and adds its length to a counter; no other
+Python work per chunk, no task, no copy.
+
+Back-pressure: when a transport's write buffer passes its high-water mark the
+event loop calls ``pause_writing`` on that side's protocol, which pauses
+reading on the peer until ``resume_writing``. Half-close is passed through
+(EOF from one side becomes ``write_eof`` on the other); when both directions
+have ended, or either connection is lost, both are closed. Idle tunnels are
+found by :class:`IdleSweeper`, which compares byte counters between sweeps
+instead of re-arming a timer per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+BUFFER_LIMIT = 1 << 20
+WRITE_HIGH_WATER = 512 * 1024
+
+
+class Side(asyncio.Protocol):
+    """One TCP connection of a proxied pair (the client's or the upstream's)."""
+
+    __slots__ = (
+        "transport", "buffer", "eof", "lost", "peer", "forwarded", "done", "_waiter", "_drain", "_paused", "_linger",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.eof = False
+        self.lost = False
+        self.peer: Side | None = None
+        self.forwarded = 0
+        self.done: asyncio.Future[None] = loop.create_future()
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain: asyncio.Future[None] | None = None
+        self._paused = False
+        self._linger: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None:
+            self.forwarded += len(data)
+            peer.transport.write(data)  # type: ignore[union-attr]
+            return
+        self.buffer += data
+        if len(self.buffer) > BUFFER_LIMIT and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self._linger is not None:
+            self.close()
+            return True
+        peer = self.peer
+        if peer is not None:
+            if peer.eof or not peer.transport.can_write_eof():  # type: ignore[union-attr]
+                self.close_pair()
+            else:
+                peer.transport.write_eof()  # type: ignore[union-attr]
+        self._wake()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+        self.lost = True
+        self.eof = True
+        if self.peer is not None:
+            self.peer.close()
+        self._wake()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        if not self.done.done():
+            self.done.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.transport.pause_reading()  # type: ignore[union-attr]
+        elif self._drain is None:
+            self._drain = self.done.get_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.transport.resume_reading()  # type: ignore[union-attr]
+        if self._drain is not None:
+            if not self._drain.done():
+                self._drain.set_result(None)
+            self._drain = None
+
+    # -- buffer mode --------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read_more(self) -> bool:
+        """Wait until more bytes are buffered; False when the peer has sent EOF or gone."""
+        if self.eof:
+            return False
+        self._waiter = self.done.get_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+        return not self.eof or bool(self.buffer)
+
+    def take(self) -> bytes:
+        """Remove and return everything buffered."""
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        return data
+
+    def write(self, data: bytes) -> None:
+        if not self.lost:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    async def drain(self) -> None:
+        if self._drain is not None:
+            await self._drain
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def linger(self, seconds: float = 2.0) -> None:
+        """Close politely after an error answer: send EOF, let the peer read it, close at its EOF or after seconds.
+
+        Closing a socket with unread input makes the kernel send RST, which can
+        destroy the answer before the client reads it.
+        """
+        if self.lost or self.transport is None or self.transport.is_closing():
+            return
+        if self.eof or not self.transport.can_write_eof():
+            self.close()
+            return
+        self.transport.write_eof()
+        self.buffer.clear()
+        self._linger = self.done.get_loop().call_later(seconds, self.close)
+
+    @property
+    def lingering(self) -> bool:
+        return self._linger is not None
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_pair(self) -> None:
+        self.close()
+        if self.peer is not None:
+            self.peer.close()
+
+
+def splice(client: Side, upstream: Side) -> None:
+    """Connect two Sides: everything buffered is forwarded, then every chunk as it arrives."""
+    for src, dst in ((client, upstream), (upstream, client)):
+        if src.buffer:
+            data = src.take()
+            src.forwarded += len(data)
+            dst.write(data)
+    client.peer, upstream.peer = upstream, client
+    if client.lost or upstream.lost:
+        client.close_pair()
+        return
+    for src, dst in ((client, upstream), (upstream, client)):
+        if src.eof:
+            if dst.eof or not dst.transport.can_write_eof():  # type: ignore[union-attr]
+                src.close_pair()
+                return
+            dst.transport.write_eof()  # type: ignore[union-attr]
+
+
+async def closed(client: Side, upstream: Side) -> None:
+    """Wait until both connections of a spliced pair are gone."""
+    await asyncio.gather(client.done, upstream.done)
+
+
+class IdleSweeper:
+    """Closes tunnels whose byte counters did not move for ``idle_timeout`` seconds."""
+
+    def __init__(self, idle_timeout: float, clock: Callable[[], float]) -> None:
+        self.idle_timeout = idle_timeout
+        self._clock = clock
+        self._pairs: dict[tuple[Side, Side], tuple[int, float]] = {}
+
+    @property
+    def interval(self) -> float:
+        return max(0.05, min(self.idle_timeout / 4, 5.0))
+
+    def add(self, client: Side, upstream: Side) -> None:
+        self._pairs[(client, upstream)] = (-1, self._clock())
+
+    def discard(self, client: Side, upstream: Side) -> None:
+        self._pairs.pop((client, upstream), None)
+
+    def sweep(self) -> int:
+        """Abort idle pairs; return how many were aborted."""
+        now = self._clock()
+        aborted = 0
+        for pair, (seen, since) in list(self._pairs.items()):
+            total = pair[0].forwarded + pair[1].forwarded
+            if total != seen:
+                self._pairs[pair] = (total, now)
+            elif now - since >= self.idle_timeout:
+                del self._pairs[pair]
+                pair[0].abort()
+                pair[1].abort()
+                aborted += 1
+        return aborted
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.sweep()

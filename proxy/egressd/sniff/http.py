@@ -1,0 +1,108 @@
+"""HTTP/1.1 request heads, parsed by h11 (sans-io): bytes in, a value out.
+
+Two request forms reach an explicit proxy and both name the destination:
+
+* ``CONNECT host:port`` (authority-form) opens a tunnel;
+* ``GET http://host[:port]/path`` (absolute-form) is forwarded; its Host header
+  must name the same host and port (``host_mismatch`` otherwise), so that an
+  origin behind one allowed IP cannot be asked for another site by Host.
+
+Origin-form (``GET /path``), ``https://`` absolute-form and asterisk-form are
+refused with 400 and a message saying what to send instead. Every error is a
+:class:`~egressd.errors.BadRequest` carrying h11's status hint (400, 431 for an
+oversized head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import h11
+
+from egressd.errors import BadRequest, Denied
+from egressd.hostport import BadDestination, Destination, parse_authority
+from egressd.policy.model import Reason
+
+# Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus the proxy's own.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection", b"keep-alive", b"proxy-connection", b"proxy-authorization", b"proxy-authenticate",
+        b"te", b"trailer", b"upgrade",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request goes: the destination, and for forwarded requests the origin-form path."""
+
+    dest: Destination
+    connect: bool
+    path: bytes = b""
+
+
+def parse_target(request: h11.Request) -> Target:
+    """Turn a request line into a Target, or raise BadRequest/Denied with the reason."""
+    target = request.target.decode("ascii", "replace")
+    if request.method == b"CONNECT":
+        try:
+            return Target(parse_authority(target), connect=True)
+        except BadDestination as exc:
+            raise BadRequest(f"CONNECT {target}: {exc}") from None
+    if target.startswith("/") or target == "*":
+        raise BadRequest(
+            f"{request.method.decode()} {target}: egressd is a forward proxy; send an absolute URL "
+            "(http://host/path) or CONNECT host:port"
+        )
+    try:
+        url = urlsplit(target)
+    except ValueError as exc:
+        raise BadRequest(f"{target!r} is not a URL: {exc}") from None
+    if url.scheme != "http":
+        hint = "; for https use CONNECT (curl -x does)" if url.scheme == "https" else ""
+        raise BadRequest(f"{target!r}: only http:// URLs are forwarded{hint}")
+    if url.username is not None or url.password is not None:
+        raise BadRequest(f"{target!r}: user-info in the URL is not accepted")
+    try:
+        dest = parse_authority(url.netloc, default_port=80)
+    except BadDestination as exc:
+        raise BadRequest(f"{target!r}: {exc}") from None
+    path = url.path or "/"
+    if url.query:
+        path += "?" + url.query
+    check_host_header(request, dest)
+    return Target(dest, connect=False, path=path.encode("ascii", "replace"))
+
+
+def check_host_header(request: h11.Request, dest: Destination) -> None:
+    """The Host header must name the absolute-form host and port (default 80); else Denied(host_mismatch)."""
+    hosts = [value for name, value in request.headers if name == b"host"]
+    if len(hosts) != 1:
+        raise BadRequest(f"expected exactly one Host header, got {len(hosts)}")
+    value = hosts[0].decode("ascii", "replace")
+    try:
+        named = parse_authority(value, default_port=80)
+    except BadDestination:
+        named = None
+    if named is None or (named.host, named.port) != (dest.host, dest.port):
+        raise Denied(Reason.HOST_MISMATCH, f"Host header {value!r} does not name the requested {dest.authority}")
+
+
+def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Drop hop-by-hop headers and those the Connection header lists."""
+    listed = {
+        token.strip().lower()
+        for name, value in headers
+        if name == b"connection"
+        for token in value.split(b",")
+    }
+    return [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in listed]
+
+
+def next_event(conn: h11.Connection) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
+    """h11's next event, with its protocol errors mapped to BadRequest (status hint kept)."""
+    try:
+        return conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise BadRequest(f"malformed HTTP: {exc}", status=exc.error_status_hint) from None
