@@ -1,0 +1,136 @@
+"""Wire the pieces together and run until SIGTERM/SIGINT.
+
+Start-up refuses to serve without a valid policy (exit 2, every load error
+listed). Shutdown stops accepting, lets open tunnels drain for
+``drain_timeout`` seconds, aborts the rest, and flushes the audit records of
+every connection, the aborted ones included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+
+import structlog
+import uvloop
+
+from egressd.admin import Admin
+from egressd.audit import AuditLog
+from egressd.config import Config, system_resolvers
+from egressd.connection import Dial, Engine, PolicyHolder
+from egressd.listeners import explicit
+from egressd.metrics import Metrics, registry_for
+from egressd.policy.loader import PolicyError
+from egressd.reload import Reloader, load_for
+from egressd.resolve import Resolver
+
+log = structlog.get_logger("egressd")
+
+
+def configure_logging() -> None:
+    """Operational logs (not audit records) as JSON lines on stderr."""
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+class Proxy:
+    """A running egressd: engine, listener, admin endpoint and reloader."""
+
+    def __init__(self, config: Config, audit: AuditLog | None = None, dial: Dial | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.holder = PolicyHolder(load_for(config.allowlists, config.service))
+        self.metrics.policy_loaded(ok=True)
+        resolvers = config.resolvers or system_resolvers()
+        self.resolver = Resolver(resolvers, config.dns_timeout, config.dns_min_ttl, config.dns_max_ttl, self.metrics)
+        self.audit = audit or AuditLog(config.audit_log)
+        service = config.service
+        self.engine = Engine(config, self.holder, self.resolver, self.audit, self.metrics, lambda _peer: service, dial)
+        self.reloader = Reloader(config.allowlists, service, self.holder, self.metrics)
+        self.admin = Admin(registry_for(self.metrics), lambda: self.holder.current is not None and not self.stopping)
+        self.servers: list[asyncio.Server] = []
+        self.background: list[asyncio.Task] = []
+        self.stopping = False
+        self.stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        self.servers.append(await explicit.start(self.engine, *self.config.listen))
+        if self.config.admin_listen is not None:
+            self.servers.append(await self.admin.start(*self.config.admin_listen))
+        loop = asyncio.get_running_loop()
+        self.background = [
+            loop.create_task(self.engine.sweeper.run()),
+            loop.create_task(self.reloader.watch(self.config.reload_interval)),
+        ]
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return [s.sockets[0].getsockname()[:2] for s in self.servers]
+
+    async def stop(self) -> None:
+        """Stop accepting, drain open connections up to drain_timeout, abort the rest, flush records."""
+        if self.stopping:
+            return
+        self.stopping = True
+        for server in self.servers:
+            server.close()
+        tasks = list(self.engine.tasks)
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.config.drain_timeout)
+        for task in list(self.engine.tasks):
+            task.cancel()
+        if self.engine.tasks:
+            await asyncio.wait(list(self.engine.tasks), timeout=5)
+        for task in self.background:
+            task.cancel()
+        self.admin.close()
+        self.resolver.close()
+        await asyncio.gather(*self.background, return_exceptions=True)
+        self.audit.flush()
+        self.stopped.set()
+
+
+async def serve(config: Config) -> int:
+    try:
+        proxy = Proxy(config)
+    except PolicyError as exc:
+        print(f"egressd: cannot start: the allowlists do not load:\n{exc}", file=sys.stderr)
+        return 2
+    await proxy.start()
+    loop = asyncio.get_running_loop()
+    stop_task: list[asyncio.Task] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: stop_task.append(loop.create_task(proxy.stop())))
+    reloads: set[asyncio.Task] = set()
+
+    def on_hup() -> None:
+        task = loop.create_task(proxy.reloader.reload("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    log.info(
+        "egressd.started", listen=proxy.addresses[0], admin=proxy.addresses[1:], service=config.service,
+        policy_version=proxy.holder.current.version if proxy.holder.current else None,
+    )
+    await proxy.stopped.wait()
+    for task in reloads:
+        task.cancel()
+    with contextlib.suppress(Exception):
+        proxy.audit.close()
+    log.info("egressd.stopped")
+    return 0
+
+
+def run(config: Config) -> int:
+    configure_logging()
+    return uvloop.run(serve(config))
