@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Sets up a machine to run egressd and its tests: system tools (when root and
+# missing) and a virtualenv in .venv with egressd installed in editable mode.
+#   .venv     Python >= 3.12 when one is found (mitmproxy, the tests' oracle, needs it), else python3 (>= 3.11)
+#   .venv311  Python 3.11, when present: the oldest Python egressd supports (EGRESSD_PY311=1 to build it)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need=()
+for tool in curl openssl ip unshare; do command -v "$tool" >/dev/null || need+=("$tool"); done
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl openssl iproute2 util-linux >/dev/null
+  else
+    echo "install.sh: missing ${need[*]}: install curl, openssl, iproute2 and util-linux" >&2
+    exit 1
+  fi
+fi
+
+find_python() {  # find_python MIN_MINOR MAX_MINOR: print an interpreter path of 3.MIN..3.MAX
+  local minor cand
+  for minor in $(seq "$2" -1 "$1"); do
+    for cand in "python3.$minor" "$HOME"/.pyenv/versions/3."$minor".*/bin/python3."$minor" /usr/bin/python3."$minor"; do
+      if "$cand" -c "import sys; assert sys.version_info[:2] == (3, $minor)" >/dev/null 2>&1; then
+        command -v "$cand" 2>/dev/null || echo "$cand"
+        return 0
+      fi
+    done
+  done
+  return 1
+}
+
+make_venv() {  # make_venv DIR PYTHON EXTRAS
+  if [ ! -x "$1/bin/python" ]; then
+    "$2" -m venv "$1"
+  fi
+  "$1/bin/python" -m pip install -q --disable-pip-version-check -e ".[$3]"
+}
+
+py=$(find_python 12 13 || find_python 11 11 || true)
+if [ -z "$py" ]; then
+  echo "install.sh: no Python 3.11+ found" >&2
+  exit 1
+fi
+make_venv .venv "$py" test
+echo "install.sh: .venv ready ($("$py" --version))"
+if [ "${EGRESSD_PY311:-0}" = 1 ] && py311=$(find_python 11 11); then
+  make_venv .venv311 "$py311" test
+  echo "install.sh: .venv311 ready ($("$py311" --version))"
+fi

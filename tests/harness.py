@@ -1,0 +1,167 @@
+"""Real parts for the integration tests: the lab (DNS, origins) and egressd as a subprocess.
+
+The proxy runs as ``python -m egressd run`` on ephemeral ports; it reports the
+addresses it bound in its ``egressd.started`` log line, which :class:`ProxyProcess`
+waits for (polling with a deadline, never sleeping blindly). Audit records go to
+a file that the tests read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEADLINE = 15.0
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str = "condition") -> Any:
+    """Poll predicate until it returns something truthy; fail after timeout."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)
+
+
+def write_allowlists(directory: Path, files: dict[str, str]) -> Path:
+    """Write {file name: YAML text} into directory (created), return it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    return directory
+
+
+class ProxyProcess:
+    """egressd run in a subprocess, with its audit log, stderr lines and admin endpoint."""
+
+    def __init__(self, args: list[str], audit_path: Path, env: dict[str, str] | None = None) -> None:
+        self.audit_path = audit_path
+        self.stderr_lines: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        cmd = [sys.executable, "-m", "egressd", "run", "--audit-log", str(audit_path), *args]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+        )
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+        started = self.wait_log("egressd.started")
+        self.address: tuple[str, int] = tuple(started["listen"])  # type: ignore[assignment]
+        self.admin: tuple[str, int] = tuple(started["admin"][0])  # type: ignore[assignment]
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr_lines.append(line)
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_log(self, event: str, timeout: float = DEADLINE) -> dict:
+        """Wait for an operational log line with this event name and return it parsed."""
+        for line in self.stderr_lines:
+            parsed = _json(line)
+            if parsed.get("event") == event:
+                return parsed
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, end - time.monotonic()))
+            except queue.Empty:
+                stderr = "".join(self.stderr_lines)
+                raise AssertionError(f"no {event!r} log line within {timeout}s; stderr:\n{stderr}") from None
+            if line is None:
+                stderr = "".join(self.stderr_lines)
+                raise AssertionError(f"egressd exited ({self.proc.wait()}) before {event!r}:\n{stderr}")
+            if _json(line).get("event") == event:
+                return _json(line)
+
+    def records(self) -> list[dict]:
+        if not self.audit_path.exists():
+            return []
+        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
+
+    def wait_records(self, n: int, timeout: float = DEADLINE) -> list[dict]:
+        """Wait until at least n audit records exist; return all of them."""
+        return wait_for(lambda: (r := self.records()) and len(r) >= n and r, timeout, f"{n} audit records")
+
+    def metrics(self) -> str:
+        return http_get(self.admin, "/metrics")[1]
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The value of one sample, 0 when absent."""
+        for line in self.metrics().splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                sample, value = line.rsplit(" ", 1)
+                if all(f'{k}="{v}"' in sample for k, v in labels.items()):
+                    return float(value)
+        return 0.0
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = DEADLINE) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout)
+
+
+def _json(line: str) -> dict:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def http_get(address: tuple[str, int], path: str) -> tuple[int, str]:
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n".encode())
+        data = recv_all(sock)
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body.decode()
+
+
+def recv_all(sock: socket.socket, limit: int = 1 << 24) -> bytes:
+    data = b""
+    while len(data) < limit:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def raw_request(address: tuple[str, int], data: bytes, timeout: float = 5.0) -> bytes:
+    """Send bytes to the proxy, return everything it answers until it closes."""
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(data)
+        return recv_all(sock)
+
+
+def connect_tunnel(address: tuple[str, int], authority: str, timeout: float = 5.0) -> tuple[socket.socket, bytes]:
+    """Open a CONNECT tunnel; return the socket and the proxy's response head."""
+    sock = socket.create_connection(address, timeout=timeout)
+    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        head += chunk
+    return sock, head
