@@ -101,7 +101,7 @@ def start_proxy(lab: Lab, tmp_path: Path) -> Iterator[ProxyFactory]:
     def start(files: dict[str, str], service: str = "svc", *extra: str, env: dict | None = None) -> ProxyProcess:
         directory = write_allowlists(tmp_path / f"allowlists{len(started)}", files)
         args = [
-            "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0",
+            "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--workers", "1",
             "--allowlists", str(directory), "--service", service,
             "--resolver", f"{lab.dns.address[0]}:{lab.dns.address[1]}",
             "--allow-cidr", "127.0.0.0/8", "--allow-cidr", "::1/128",

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
+import os
 import re
+import select
 
 from egressd import audit
 from egressd.audit import AuditLog, Record
@@ -38,25 +39,27 @@ def test_every_field_name_is_a_module_constant():
     assert set(make_record().fields()) | {audit.EVENT} == constants
 
 
-def test_records_of_one_loop_iteration_are_written_as_whole_lines_in_one_batch():
-    """Records emitted in one event-loop turn reach the stream in a single write of complete lines."""
-    writes: list[str] = []
-
-    class Stream(io.StringIO):
-        def write(self, data: str) -> int:
-            writes.append(data)
-            return len(data)
+def test_records_of_one_loop_iteration_are_written_as_whole_lines_in_pipe_atomic_chunks():
+    """Records emitted in one event-loop turn reach a pipe in writes of whole lines, each at most PIPE_BUF bytes."""
+    read_fd, write_fd = os.pipe()
 
     async def go():
-        log = AuditLog()
-        log._writer._stream = Stream()
-        for n in range(50):
-            log.emit(make_record(f"c{n}"))
-        await asyncio.sleep(0)
+        with os.fdopen(write_fd, "w") as stream:
+            log = AuditLog()
+            log._writer._stream = stream
+            for n in range(50):
+                log.emit(make_record(f"c{n}"))
+            assert os.get_blocking(read_fd)
+            await asyncio.sleep(0)
 
     asyncio.run(go())
-    assert len(writes) == 1 and writes[0].endswith("\n")
-    assert [json.loads(line)["conn_id"] for line in writes[0].splitlines()] == [f"c{n}" for n in range(50)]
+    data = b""
+    with os.fdopen(read_fd, "rb") as reader:
+        data = reader.read()
+    assert data.endswith(b"\n")
+    assert [json.loads(line)["conn_id"] for line in data.splitlines()] == [f"c{n}" for n in range(50)]
+    pieces = list(audit._chunks([json.dumps(make_record(f"c{n}").fields()) for n in range(50)]))
+    assert len(pieces) > 1 and all(len(p) <= select.PIPE_BUF and p.endswith(b"\n") for p in pieces)
 
 
 def test_notes_accumulate():

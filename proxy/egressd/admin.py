@@ -8,7 +8,7 @@ traffic to a proxy that would deny everything.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import h11
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -18,9 +18,15 @@ MAX_HEAD = 8192
 
 
 class Admin:
-    def __init__(self, registry: CollectorRegistry, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        ready: Callable[[], bool],
+        refresh: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.registry = registry
         self.ready = ready
+        self.refresh = refresh
         self.tasks: set[asyncio.Task] = set()
 
     async def start(self, host: str, port: int) -> asyncio.Server:
@@ -40,6 +46,8 @@ class Admin:
                         continue
                     break
             if isinstance(event, h11.Request):
+                if self.refresh is not None and event.target.startswith(b"/metrics"):
+                    await self.refresh()
                 status, ctype, body = self.answer(event.method, event.target.split(b"?")[0])
                 headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Connection", "close")]
                 writer.write(conn.send(h11.Response(status_code=status, headers=headers)))

@@ -25,6 +25,7 @@ from egressd.metrics import Metrics, registry_for
 from egressd.policy.loader import PolicyError
 from egressd.reload import Reloader, load_for
 from egressd.resolve import Resolver
+from egressd.workers import Supervisor, serve_control
 
 log = structlog.get_logger("egressd")
 
@@ -63,7 +64,7 @@ class Proxy:
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
-        self.servers.append(await explicit.start(self.engine, *self.config.listen))
+        self.servers.append(await explicit.start(self.engine, *self.config.listen, reuse_port=self.config.reuse_port))
         if self.config.admin_listen is not None:
             self.servers.append(await self.admin.start(*self.config.admin_listen))
         loop = asyncio.get_running_loop()
@@ -118,8 +119,14 @@ async def serve(config: Config) -> int:
         task.add_done_callback(reloads.discard)
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if config.control_fd is not None:
+        control = loop.create_task(
+            serve_control(config.control_fd, proxy.metrics, lambda: stop_task.append(loop.create_task(proxy.stop())))
+        )
+        reloads.add(control)
     log.info(
-        "egressd.started", listen=proxy.addresses[0], admin=proxy.addresses[1:], service=config.service,
+        "worker.started" if config.control_fd is not None else "egressd.started",
+        listen=proxy.addresses[0], admin=proxy.addresses[1:], service=config.service,
         policy_version=proxy.holder.current.version if proxy.holder.current else None,
     )
     await proxy.stopped.wait()
@@ -131,6 +138,9 @@ async def serve(config: Config) -> int:
     return 0
 
 
-def run(config: Config) -> int:
+def run(config: Config, argv: list[str] | None = None) -> int:
+    """Serve in this process, or supervise --workers processes that each do."""
     configure_logging()
+    if config.workers > 1 and config.control_fd is None:
+        return uvloop.run(Supervisor(config, list(argv or [])).run())
     return uvloop.run(serve(config))

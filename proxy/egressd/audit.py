@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import json
+import os
+import select
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 import structlog
@@ -125,7 +127,12 @@ class Record:
 
 
 class _BatchWriter:
-    """A structlog logger that queues rendered lines and writes them in batches of whole lines."""
+    """A structlog logger that queues rendered lines and writes them in batches of whole lines.
+
+    Every ``write`` carries whole lines and at most PIPE_BUF bytes when it can
+    (a longer single line goes alone), so that several worker processes sharing
+    one pipe or one O_APPEND file never interleave partial lines.
+    """
 
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
@@ -150,13 +157,38 @@ class _BatchWriter:
         self._scheduled = False
         if not self._pending:
             return
-        data = "\n".join(self._pending) + "\n"
-        self._pending.clear()
+        lines, self._pending = self._pending, []
         try:
-            self._stream.write(data)
+            fd = self._stream.fileno()
+        except (OSError, ValueError, AttributeError):
+            fd = None
+        try:
+            if fd is None:
+                self._stream.write("".join(line + "\n" for line in lines))
+                self._stream.flush()
+                return
             self._stream.flush()
-        except (OSError, ValueError) as exc:  # a closed or broken audit stream must not kill the proxy
+            for chunk in _chunks(lines):
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+        except OSError as exc:  # a closed or broken audit stream must not kill the proxy
             print(f"egressd: cannot write audit records: {exc}", file=sys.stderr)
+
+
+def _chunks(lines: list[str]) -> Iterator[bytes]:
+    """Whole lines grouped into pieces of at most PIPE_BUF bytes (a longer line is a piece of its own)."""
+    piece: list[bytes] = []
+    size = 0
+    for line in lines:
+        data = line.encode("utf-8", "replace") + b"\n"
+        if piece and size + len(data) > select.PIPE_BUF:
+            yield b"".join(piece)
+            piece, size = [], 0
+        piece.append(data)
+        size += len(data)
+    if piece:
+        yield b"".join(piece)
 
 
 class AuditLog:

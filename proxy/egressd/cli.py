@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resolver", action="append", default=None,
                      help="DNS server IP[:PORT] (repeatable; default: /etc/resolv.conf)")
     run.add_argument("--audit-log", default=env_default("audit-log"), help="append audit records here (default stdout)")
+    run.add_argument("--workers", type=int, default=env_default("workers", str(os.cpu_count() or 1)),
+                     help="worker processes sharing the listen port (default: number of CPUs)")
+    run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)
     for name, (text, default) in _FLOATS.items():
         run.add_argument("--" + name, type=float, default=env_default(name, str(default)), help=text)
     for name, (text, default) in _INTS.items():
@@ -101,6 +106,9 @@ def config_from(args: argparse.Namespace) -> Config:
         allow_cidrs=tuple(cidrs),
         resolvers=tuple(parse_hostport(r, "--resolver", 53) for r in resolvers),
         audit_log=args.audit_log,
+        workers=args.workers,
+        reuse_port=args.reuse_port,
+        control_fd=args.control_fd,
         **extra,
     )
 
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             return demo.main(Path(args.allowlists), serve=args.serve, listen=args.listen)
         from egressd import app
 
-        return app.run(config_from(args))
+        return app.run(config_from(args), argv=sys.argv[2:] if argv is None else argv[1:])
     except ConfigError as exc:
         print(f"egressd: {exc}", file=sys.stderr)
         return 2

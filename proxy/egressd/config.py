@@ -37,6 +37,9 @@ class Config:
     dns_min_ttl: float = 5.0
     dns_max_ttl: float = 300.0
     reload_interval: float = 2.0
+    workers: int = 1
+    reuse_port: bool = False
+    control_fd: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("header_timeout", "hello_timeout", "connect_timeout", "idle_timeout", "dns_timeout"):
@@ -46,6 +49,8 @@ class Config:
             raise ConfigError("--drain-timeout and --reload-interval must not be negative")
         if self.max_header_bytes < 1024:
             raise ConfigError("--max-header-bytes must be at least 1024")
+        if self.workers < 1:
+            raise ConfigError("--workers must be at least 1")
         if self.max_connections < 1:
             raise ConfigError("--max-connections must be at least 1")
         if not 0 <= self.dns_min_ttl <= self.dns_max_ttl:

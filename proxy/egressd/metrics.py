@@ -81,6 +81,40 @@ class Metrics:
         if down:
             self.bytes[(service, "down")] += down
 
+    _SUMMED = ("connections", "denials", "active", "bytes", "dns_cache")
+
+    def snapshot(self) -> dict:
+        """Plain data of every counter, for a worker to send to its supervisor."""
+        data: dict = {name: dict(getattr(self, name)) for name in self._SUMMED}
+        data["reloads"] = dict(self.reloads)
+        data["loaded_at"] = self.loaded_at
+        for name in ("dns_seconds", "connect_seconds"):
+            hist = getattr(self, name)
+            data[name] = (list(hist.counts), hist.total)
+        return data
+
+    def load_sum(self, snapshots: list[dict]) -> None:
+        """Replace every value by the sum over the workers' snapshots (reloads and load time: the maximum,
+        since every worker loads the same files)."""
+        for name in self._SUMMED:
+            merged: defaultdict = defaultdict(int)
+            for snap in snapshots:
+                for key, value in snap[name].items():
+                    merged[key] += value
+            setattr(self, name, merged)
+        self.reloads = defaultdict(int, success=0, error=0)
+        for snap in snapshots:
+            for key, value in snap["reloads"].items():
+                self.reloads[key] = max(self.reloads[key], value)
+        self.loaded_at = max((snap["loaded_at"] for snap in snapshots), default=0.0)
+        for name in ("dns_seconds", "connect_seconds"):
+            hist = Histogram()
+            for snap in snapshots:
+                counts, total = snap[name]
+                hist.counts = [a + b for a, b in zip(hist.counts, counts, strict=True)]
+                hist.total += total
+            setattr(self, name, hist)
+
     def policy_loaded(self, ok: bool) -> None:
         self.reloads["success" if ok else "error"] += 1
         if ok:
