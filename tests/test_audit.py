@@ -58,7 +58,7 @@ def test_records_of_one_loop_iteration_are_written_as_whole_lines_in_pipe_atomic
         data = reader.read()
     assert data.endswith(b"\n")
     assert [json.loads(line)["conn_id"] for line in data.splitlines()] == [f"c{n}" for n in range(50)]
-    pieces = list(audit._chunks([json.dumps(make_record(f"c{n}").fields()) for n in range(50)]))
+    pieces = list(audit._chunks([json.dumps(make_record(f"c{n}").fields()).encode() for n in range(50)]))
     assert len(pieces) > 1 and all(len(p) <= select.PIPE_BUF and p.endswith(b"\n") for p in pieces)
 
 

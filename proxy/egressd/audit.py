@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
-import json
 import os
 import select
 import sys
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
+import orjson
 import structlog
 
 EVENT = "event"
@@ -52,9 +52,16 @@ STATUS = "status"
 CONNECTION_EVENT = "egress.connection"
 
 
+_second: list = [None, ""]  # the last whole second formatted, and its text: one strftime per second
+
+
 def rfc3339(ts: float) -> str:
     """UTC, microseconds, 'Z' suffix: 2026-11-23T05:21:12.123456Z."""
-    return _dt.datetime.fromtimestamp(ts, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    second = int(ts)
+    if _second[0] != second:
+        _second[0] = second
+        _second[1] = _dt.datetime.fromtimestamp(second, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_second[1]}.{min(round((ts - second) * 1_000_000), 999_999):06d}Z"
 
 
 class Record:
@@ -126,6 +133,11 @@ class Record:
         }
 
 
+def _render(_logger: object, _name: str, event_dict: dict[str, Any]) -> bytes:
+    """The one structlog processor: the event as a JSON line (orjson, bytes)."""
+    return orjson.dumps(event_dict)
+
+
 class _BatchWriter:
     """A structlog logger that queues rendered lines and writes them in batches of whole lines.
 
@@ -136,10 +148,10 @@ class _BatchWriter:
 
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
-        self._pending: list[str] = []
+        self._pending: list[bytes] = []
         self._scheduled = False
 
-    def msg(self, line: str) -> None:
+    def msg(self, line: bytes) -> None:
         self._pending.append(line)
         if self._scheduled:
             return
@@ -164,7 +176,7 @@ class _BatchWriter:
             fd = None
         try:
             if fd is None:
-                self._stream.write("".join(line + "\n" for line in lines))
+                self._stream.write("".join(line.decode() + "\n" for line in lines))
                 self._stream.flush()
                 return
             self._stream.flush()
@@ -176,12 +188,12 @@ class _BatchWriter:
             print(f"egressd: cannot write audit records: {exc}", file=sys.stderr)
 
 
-def _chunks(lines: list[str]) -> Iterator[bytes]:
+def _chunks(lines: list[bytes]) -> Iterator[bytes]:
     """Whole lines grouped into pieces of at most PIPE_BUF bytes (a longer line is a piece of its own)."""
     piece: list[bytes] = []
     size = 0
     for line in lines:
-        data = line.encode("utf-8", "replace") + b"\n"
+        data = line + b"\n"
         if piece and size + len(data) > select.PIPE_BUF:
             yield b"".join(piece)
             piece, size = [], 0
@@ -200,7 +212,7 @@ class AuditLog:
         self._sink = sink
         self._log = structlog.wrap_logger(
             self._writer,
-            processors=[structlog.processors.JSONRenderer(serializer=json.dumps)],
+            processors=[_render],
             cache_logger_on_first_use=True,
         )
 

@@ -17,6 +17,7 @@ import itertools
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 from egressd.audit import AuditLog, Record
 from egressd.config import Config
@@ -37,6 +38,14 @@ _REASON_TEXT = {
     Reason.DENYLISTED: "{host} is denied by {rule}",
     Reason.NO_IDENTITY: "no allowlist is loaded for service {service}",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """Who is connecting: the address as the record writes it, and the service identity."""
+
+    address: str
+    service: str | None
 
 
 class PolicyHolder:
@@ -75,16 +84,19 @@ class Engine:
         self._prefix = f"{os.getpid():x}-{int(time.time()) & 0xFFFFFF:06x}-"
 
     # -- records --------------------------------------------------------------
-    def open(self, client: Side, listener: str, follows: Record | None = None) -> Record:
-        """A new record for a client connection, identity included; ``follows`` for the next request on it."""
+    def who(self, client: Side) -> Client:
+        """The identify step: the client's address and the service it is (None: no identity, deny)."""
+        peer = client.transport.get_extra_info("peername") or ("?", 0)  # type: ignore[union-attr]
+        host = peer[0]
+        return Client(f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}", self.identify(peer))
+
+    def open(self, who: Client, listener: str, follows: Record | None = None) -> Record:
+        """A new record for a client connection; ``follows`` for the next request on the same connection."""
         if follows is not None:
             rec = Record(follows.conn_id, time.time(), follows.client, listener, follows.service)
             rec.request = (follows.request or 1) + 1
             return rec
-        peer = client.transport.get_extra_info("peername") or ("?", 0)  # type: ignore[union-attr]
-        host = peer[0]
-        client_text = f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-        return Record(self._prefix + str(next(self._ids)), time.time(), client_text, listener, self.identify(peer))
+        return Record(self._prefix + str(next(self._ids)), time.time(), who.address, listener, who.service)
 
     def close(self, rec: Record) -> None:
         """Emit the record and count it, once; later calls do nothing."""
@@ -170,12 +182,12 @@ class Engine:
         return side
 
     # -- bookkeeping ----------------------------------------------------------
-    def serve(self, client: Side, handler: Callable[[Engine, Side], Awaitable[None]]) -> None:
-        """Run handler(engine, client) on a tracked task, counting the client as active meanwhile."""
+    def serve(self, client: Side, who: Client, handler: Callable[[Engine, Side, Client], Awaitable[None]]) -> None:
+        """Run handler(engine, client, who) on a tracked task, counting the client as active meanwhile."""
         self.clients.add(client)
-        service = self.identify(client.transport.get_extra_info("peername") or ("?", 0)) or "-"  # type: ignore[union-attr]
+        service = who.service or "-"
         self.metrics.active[service] += 1
-        task = asyncio.get_running_loop().create_task(handler(self, client))
+        task = asyncio.get_running_loop().create_task(handler(self, client, who))
         self.tasks.add(task)
 
         def done(_: asyncio.Task) -> None:

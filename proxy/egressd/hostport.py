@@ -19,6 +19,7 @@ what was wrong. Nothing here touches a socket.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -96,10 +97,12 @@ def parse_ip(text: str) -> IPAddress | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_host(text: str) -> str:
     """Return the canonical form of a host name or IP literal, or raise BadDestination.
 
-    IPv6 literals may come bracketed or bare; they come out bare.
+    IPv6 literals may come bracketed or bare; they come out bare. Results are
+    cached (the same few names arrive over and over; errors are not cached).
     """
     if not text:
         raise BadDestination("empty host name")

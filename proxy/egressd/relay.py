@@ -109,15 +109,24 @@ class Side(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def read_more(self) -> bool:
-        """Wait until more bytes are buffered; False when the peer has sent EOF or gone."""
+    async def read_more(self, deadline: float | None = None) -> bool:
+        """Wait until more bytes are buffered; False when the peer has sent EOF or gone.
+
+        ``deadline`` is a loop.time() after which TimeoutError is raised. A timer
+        exists only while actually waiting, so a head that is already buffered
+        costs no timer at all.
+        """
         if self.eof:
             return False
-        self._waiter = self.done.get_loop().create_future()
+        loop = self.done.get_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
         try:
-            await self._waiter
+            await waiter
         finally:
             self._waiter = None
+            if timer is not None:
+                timer.cancel()
         return not self.eof or bool(self.buffer)
 
     def take(self) -> bytes:
@@ -170,6 +179,11 @@ class Side(asyncio.Protocol):
             self.peer.close()
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 def splice(client: Side, upstream: Side) -> None:
     """Connect two Sides: everything buffered is forwarded, then every chunk as it arrives."""
     for src, dst in ((client, upstream), (upstream, client)):
@@ -191,7 +205,8 @@ def splice(client: Side, upstream: Side) -> None:
 
 async def closed(client: Side, upstream: Side) -> None:
     """Wait until both connections of a spliced pair are gone."""
-    await asyncio.gather(client.done, upstream.done)
+    await client.done
+    await upstream.done
 
 
 class IdleSweeper:

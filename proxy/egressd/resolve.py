@@ -34,6 +34,9 @@ from egressd.policy.model import IPNetwork
 
 MAX_CACHE_ENTRIES = 10_000
 
+# The same few answers are classified again and again: remember the verdicts.
+_check = functools.lru_cache(maxsize=8192)(check)
+
 
 @dataclass(frozen=True, slots=True)
 class Pinned:
@@ -159,7 +162,7 @@ class Resolver:
             resolved, dns_ms, cached = (dest.ip,), None, False
         else:
             resolved, dns_ms, cached = await self.lookup(dest.host)
-        checks = [check(ip, allow_cidrs) for ip in resolved]
+        checks = [_check(ip, tuple(allow_cidrs)) for ip in resolved]
         candidates = tuple(c.ip for c in checks if c.allowed)
         refused = tuple(c for c in checks if not c.allowed)
         return Pinned(tuple(resolved), candidates, refused, dns_ms, cached)

@@ -22,18 +22,21 @@ from __future__ import annotations
 import asyncio
 
 import h11
+import structlog
 
 from egressd.audit import Record
-from egressd.connection import Engine
+from egressd.connection import Client, Engine
 from egressd.errors import BadRequest, Denied, ProxyError
 from egressd.hostport import BadDestination, Destination, normalize_host
 from egressd.listeners.forward import Forwarder
+from egressd.listeners.httpio import receive
 from egressd.policy.model import Reason
 from egressd.relay import Side, closed, splice
-from egressd.sniff.http import Target, next_event, parse_target
+from egressd.sniff.http import Target, bad_request, parse_target
 from egressd.sniff.tls import HelloStatus, parse_client_hello
 
 LISTENER = "explicit"
+log = structlog.get_logger("egressd.explicit")
 
 STATUS_TEXT = {
     400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 431: "Request Header Fields Too Large",
@@ -51,10 +54,10 @@ def error_response(status: int, reason: Reason, body: bytes) -> bytes:
     return head.encode("ascii") + body
 
 
-async def serve_client(engine: Engine, client: Side) -> None:
+async def serve_client(engine: Engine, client: Side, who: Client) -> None:
     """Serve one client connection until it closes; every request on it gets its record."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=engine.config.max_header_bytes)
-    rec = engine.open(client, LISTENER)
+    rec = engine.open(who, LISTENER)
     forwarder = Forwarder(engine, client, conn)
     first = True
     try:
@@ -73,7 +76,7 @@ async def serve_client(engine: Engine, client: Side) -> None:
                 return
             if not await forwarder.exchange(rec, request, target):
                 return
-            rec = engine.open(client, LISTENER, follows=rec)
+            rec = engine.open(who, LISTENER, follows=rec)
     except ProxyError as exc:
         answered = rec.status is not None
         engine.fail(rec, exc)
@@ -86,6 +89,11 @@ async def serve_client(engine: Engine, client: Side) -> None:
         rec.note("the proxy shut down")
         client.abort()
         raise
+    except Exception as exc:  # a bug must cost one connection, never the process; the record still goes out
+        log.exception("connection.internal_error", conn_id=rec.conn_id)
+        rec.decision = "deny"
+        rec.note(f"internal error: {type(exc).__name__}: {exc}")
+        client.abort()
     finally:
         forwarder.close()
         engine.close(rec)
@@ -100,32 +108,24 @@ async def read_head(engine: Engine, client: Side, conn: h11.Connection, first: b
     may wait idle_timeout for its next request, then header_timeout for its head.
     """
     cfg = engine.config
+    loop = asyncio.get_running_loop()
     if not first and not client.buffer and not client.eof:
         try:
-            async with asyncio.timeout(cfg.idle_timeout):
-                await client.read_more()
+            await client.read_more(loop.time() + cfg.idle_timeout)
         except TimeoutError:
             return None
-    try:
-        async with asyncio.timeout(cfg.header_timeout):
-            while True:
-                if client.buffer:
-                    conn.receive_data(client.take())
-                event = next_event(conn)
-                if isinstance(event, h11.Request):
-                    check_head_size(event, cfg.max_header_bytes)
-                    return event
-                if isinstance(event, h11.ConnectionClosed):
-                    return None
-                if event is h11.NEED_DATA:
-                    if client.eof:
-                        conn.receive_data(b"")
-                        continue
-                    await client.read_more()
-                    continue
-                raise BadRequest(f"unexpected HTTP event {type(event).__name__}")
-    except TimeoutError:
-        raise BadRequest(f"no complete request head within {cfg.header_timeout:g}s", status=408) from None
+    timeout = cfg.header_timeout
+    event = await receive(
+        client, conn, timeout,
+        stalled=lambda: BadRequest(f"no complete request head within {timeout:g}s", status=408),
+        malformed=bad_request,
+    )
+    if isinstance(event, h11.Request):
+        check_head_size(event, cfg.max_header_bytes)
+        return event
+    if isinstance(event, h11.ConnectionClosed):
+        return None
+    raise BadRequest(f"unexpected HTTP event {type(event).__name__}")
 
 
 def check_head_size(request: h11.Request, limit: int) -> None:
@@ -165,15 +165,15 @@ async def tunnel(engine: Engine, rec: Record, client: Side, conn: h11.Connection
 
 async def read_sni(engine: Engine, rec: Record, client: Side, dest: Destination) -> None:
     """Wait for the ClientHello and record its SNI; raise Denied unless it names dest (nothing went upstream)."""
+    deadline = asyncio.get_running_loop().time() + engine.config.hello_timeout
     try:
-        async with asyncio.timeout(engine.config.hello_timeout):
-            while True:
-                hello = parse_client_hello(client.buffer)
-                if hello.status is not HelloStatus.NEED_MORE:
-                    break
-                if client.eof:
-                    raise Denied(Reason.SNI_MISSING, "the client closed the tunnel before a complete TLS ClientHello")
-                await client.read_more()
+        while True:
+            hello = parse_client_hello(client.buffer)
+            if hello.status is not HelloStatus.NEED_MORE:
+                break
+            if client.eof:
+                raise Denied(Reason.SNI_MISSING, "the client closed the tunnel before a complete TLS ClientHello")
+            await client.read_more(deadline)
     except TimeoutError:
         raise Denied(
             Reason.SNI_MISSING, f"no TLS ClientHello within {engine.config.hello_timeout:g}s on a TLS port"
@@ -206,8 +206,9 @@ class _Client(Side):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         engine = self.engine
+        who = engine.who(self)
         if len(engine.clients) >= engine.config.max_connections:
-            rec = engine.open(self, LISTENER)
+            rec = engine.open(who, LISTENER)
             exc = ProxyError(
                 Reason.OVERLOADED, f"{len(engine.clients)} connections are open, the --max-connections limit", 503
             )
@@ -216,7 +217,7 @@ class _Client(Side):
             self.linger()
             engine.close(rec)
             return
-        engine.serve(self, serve_client)
+        engine.serve(self, who, serve_client)
 
 
 async def start(engine: Engine, host: str, port: int, reuse_port: bool = False) -> asyncio.Server:

@@ -11,15 +11,15 @@ finished their exchange cleanly; otherwise each side is closed.
 
 from __future__ import annotations
 
-import asyncio
-
 import h11
 
 from egressd.audit import Record
 from egressd.connection import Engine
-from egressd.errors import UpstreamFailure, UpstreamTimeout
+from egressd.errors import BadRequest, UpstreamFailure, UpstreamTimeout
+from egressd.listeners.httpio import receive
 from egressd.relay import Side
-from egressd.sniff.http import Target, forward_headers, next_event
+from egressd.sniff.http import Target, forward_headers
+from egressd.sniff.http import bad_request
 
 
 class Forwarder:
@@ -69,50 +69,32 @@ class Forwarder:
         return False
 
     async def _send_body(self, rec: Record, upstream: Side, origin: h11.Connection) -> None:
-        client, conn = self.client, self.conn
         timeout = self.engine.config.idle_timeout
         while True:
-            if client.buffer:
-                conn.receive_data(client.take())
-            event = next_event(conn)
-            if event is h11.NEED_DATA:
-                if client.eof:
-                    conn.receive_data(b"")
-                    continue
-                async with asyncio.timeout(timeout):
-                    await client.read_more()
-                continue
-            if isinstance(event, h11.Data | h11.EndOfMessage):
-                out = origin.send(event)
-                if out:
-                    upstream.write(out)
-                    rec.bytes_up += len(out)
-                    await upstream.drain()
-                if isinstance(event, h11.EndOfMessage):
-                    return
-                continue
-            raise UpstreamFailure(f"unexpected client event {type(event).__name__} while reading the request body")
+            event = await receive(
+                self.client, self.conn, timeout,
+                stalled=lambda: BadRequest(f"the request body stalled for {timeout:g}s", status=408),
+                malformed=bad_request,
+            )
+            if not isinstance(event, h11.Data | h11.EndOfMessage):
+                raise BadRequest(f"unexpected {type(event).__name__} while reading the request body")
+            out = origin.send(event)
+            if out:
+                upstream.write(out)
+                rec.bytes_up += len(out)
+                await upstream.drain()
+            if isinstance(event, h11.EndOfMessage):
+                return
 
     async def _relay_response(self, rec: Record, upstream: Side, origin: h11.Connection) -> None:
         client, conn = self.client, self.conn
         timeout = self.engine.config.idle_timeout
         while True:
-            if upstream.buffer:
-                origin.receive_data(upstream.take())
-            try:
-                event = origin.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise UpstreamFailure(f"the origin sent malformed HTTP: {exc}") from None
-            if event is h11.NEED_DATA:
-                if upstream.eof:
-                    origin.receive_data(b"")
-                    continue
-                try:
-                    async with asyncio.timeout(timeout):
-                        await upstream.read_more()
-                except TimeoutError:
-                    raise UpstreamTimeout(f"the origin sent no response within {timeout:g}s") from None
-                continue
+            event = await receive(
+                upstream, origin, timeout,
+                stalled=lambda: UpstreamTimeout(f"the origin sent no response within {timeout:g}s"),
+                malformed=lambda exc: UpstreamFailure(f"the origin sent malformed HTTP: {exc}"),
+            )
             if isinstance(event, h11.ConnectionClosed):
                 raise UpstreamFailure("the origin closed the connection before a complete response")
             if isinstance(event, h11.InformationalResponse | h11.Response):

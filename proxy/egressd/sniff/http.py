@@ -100,9 +100,6 @@ def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
     return [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in listed]
 
 
-def next_event(conn: h11.Connection) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
-    """h11's next event, with its protocol errors mapped to BadRequest (status hint kept)."""
-    try:
-        return conn.next_event()
-    except h11.RemoteProtocolError as exc:
-        raise BadRequest(f"malformed HTTP: {exc}", status=exc.error_status_hint) from None
+def bad_request(exc: h11.RemoteProtocolError) -> BadRequest:
+    """h11's refusal of the client's bytes as our BadRequest, keeping its status hint (400, 431)."""
+    return BadRequest(f"malformed HTTP: {exc}", status=exc.error_status_hint)
