@@ -18,8 +18,7 @@ from egressd.connection import Engine
 from egressd.errors import BadRequest, UpstreamFailure, UpstreamTimeout
 from egressd.listeners.httpio import receive
 from egressd.relay import Side
-from egressd.sniff.http import Target, forward_headers
-from egressd.sniff.http import bad_request
+from egressd.sniff.http import Target, bad_request, forward_headers
 
 
 class Forwarder:
