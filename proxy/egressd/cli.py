@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -22,20 +23,22 @@ from egressd.policy.loader import PolicyError, load_policy
 from egressd.policy.model import Mode
 
 _FLOATS = {
-    "header-timeout": ("seconds to receive a complete request head", 10.0),
-    "hello-timeout": ("seconds to receive the TLS ClientHello on a TLS port", 10.0),
-    "connect-timeout": ("seconds to open the upstream connection (all addresses)", 5.0),
-    "idle-timeout": ("seconds a tunnel or kept-alive connection may stay silent", 300.0),
-    "dns-timeout": ("seconds for one DNS lookup", 2.0),
-    "drain-timeout": ("seconds open connections get to finish on SIGTERM", 10.0),
-    "dns-min-ttl": ("shortest time an answer is cached, seconds", 5.0),
-    "dns-max-ttl": ("longest time an answer is cached, seconds", 300.0),
-    "reload-interval": ("seconds between checks of the allowlist files for changes (0: SIGHUP only)", 2.0),
+    "header-timeout": "seconds to receive a complete request head",
+    "hello-timeout": "seconds to receive the TLS ClientHello on a TLS port",
+    "connect-timeout": "seconds to open the upstream connection (all addresses)",
+    "idle-timeout": "seconds a tunnel or kept-alive connection may stay silent",
+    "dns-timeout": "seconds for one DNS lookup",
+    "drain-timeout": "seconds open connections get to finish on SIGTERM",
+    "dns-min-ttl": "shortest time an answer is cached, seconds",
+    "dns-max-ttl": "longest time an answer is cached, seconds",
+    "reload-interval": "seconds between checks of the allowlist files for changes (0: SIGHUP only)",
 }
 _INTS = {
-    "max-header-bytes": ("largest request head accepted, bytes", 16384),
-    "max-connections": ("most client connections open at once; more get 503", 4096),
+    "max-header-bytes": "largest request head accepted, bytes",
+    "max-connections": "most client connections open at once; more get 503",
 }
+# The defaults live in Config alone.
+_DEFAULTS = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(Config)}
 
 
 def _env_list(name: str) -> list[str]:
@@ -64,10 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="worker processes sharing the listen port (default: number of CPUs)")
     run.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--control-fd", type=int, default=None, help=argparse.SUPPRESS)
-    for name, (text, default) in _FLOATS.items():
-        run.add_argument("--" + name, type=float, default=env_default(name, str(default)), help=text)
-    for name, (text, default) in _INTS.items():
-        run.add_argument("--" + name, type=int, default=env_default(name, str(default)), help=text)
+    for flags, kind in ((_FLOATS, float), (_INTS, int)):
+        for name, text in flags.items():
+            default = str(_DEFAULTS[name])
+            run.add_argument("--" + name, type=kind, default=env_default(name, default), help=f"{text} ({default})")
 
     validate = sub.add_parser("validate", help="check an allowlists directory; exit 1 listing every error")
     validate.add_argument("path", nargs="?", default="allowlists")
