@@ -185,3 +185,15 @@ def test_pipelined_client_hello_after_connect_is_accepted(lab, start_proxy):
     [rec] = proxy.wait_records(1)
     assert (rec["reason"], rec["sni"]) == ("allowed", "api.test")
     assert rec["bytes_up"] == len(hello)
+
+
+def test_silent_client_on_tls_port_times_out_as_sni_missing(lab, start_proxy):
+    """A tunnel to a TLS port where no ClientHello arrives within --hello-timeout is closed, sni_missing."""
+    proxy = start_proxy({"svc.yaml": service_yaml(tls_rule(lab))}, "svc", "--hello-timeout", "0.3")
+    sock, head = connect_tunnel(proxy.address, f"api.test:{lab.tls.port}")
+    with sock:
+        assert head.startswith(b"HTTP/1.1 200")
+        sock.settimeout(10)
+        assert recv_all(sock) == b""
+    [rec] = proxy.wait_records(1)
+    assert rec["reason"] == "sni_missing" and "within 0.3s" in rec["detail"] and rec["bytes_up"] == 0
