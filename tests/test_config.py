@@ -18,7 +18,12 @@ def test_resolvers_default_to_resolv_conf(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("127.0.0.1:0", ("127.0.0.1", 0)), ("[::1]:3128", ("::1", 3128)), ("::1", ("::1", 53)), ("10.0.0.2", ("10.0.0.2", 53))],
+    [
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("[::1]:3128", ("::1", 3128)),
+        ("::1", ("::1", 53)),
+        ("10.0.0.2", ("10.0.0.2", 53)),
+    ],
 )
 def test_hostport_flags(text, expected):
     """Listen and resolver flags take IP[:PORT], IPv6 in brackets when a port follows."""
