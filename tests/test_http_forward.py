@@ -87,7 +87,7 @@ def test_host_header_must_name_the_url_host(lab, start_proxy):
 
 
 def test_bad_requests_get_400_and_a_record(lab, start_proxy):
-    """Garbage, origin-form, https absolute-form and oversized heads get 4xx bad_request and one record each."""
+    """Garbage, origin-form, https URLs, user-info, oversized heads and CL+TE get 4xx bad_request, one record each."""
     proxy = start_proxy({"svc.yaml": service_yaml(web_rule(lab))}, "svc", "--max-header-bytes", "2048")
     cases = [
         (b"\x16\x03\x01garbage\r\n\r\n", b"400"),
@@ -95,6 +95,11 @@ def test_bad_requests_get_400_and_a_record(lab, start_proxy):
         (b"GET https://web.test/ HTTP/1.1\r\nHost: web.test\r\n\r\n", b"400"),
         (b"GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\nX-Big: " + b"a" * 4096 + b"\r\n\r\n", b"431"),
         (b"GET http://user@web.test/ HTTP/1.1\r\nHost: web.test\r\n\r\n", b"400"),
+        (
+            b"POST http://web.test/ HTTP/1.1\r\nHost: web.test\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            b"400",
+        ),
     ]
     for request, status in cases:
         answer = raw_request(proxy.address, request)

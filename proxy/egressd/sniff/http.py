@@ -72,6 +72,7 @@ def parse_target(request: h11.Request) -> Target:
     if url.query:
         path += "?" + url.query
     check_host_header(request, dest)
+    check_framing(request)
     return Target(dest, connect=False, path=path.encode("ascii", "replace"))
 
 
@@ -87,6 +88,17 @@ def check_host_header(request: h11.Request, dest: Destination) -> None:
         named = None
     if named is None or (named.host, named.port) != (dest.host, dest.port):
         raise Denied(Reason.HOST_MISMATCH, f"Host header {value!r} does not name the requested {dest.authority}")
+
+
+def check_framing(request: h11.Request) -> None:
+    """A request must not carry both Content-Length and Transfer-Encoding (RFC 9112 6.1).
+
+    h11 would frame it by Transfer-Encoding while an origin may read Content-Length:
+    the gap between the two is how requests are smuggled past a proxy.
+    """
+    names = {name for name, _ in request.headers}
+    if b"content-length" in names and b"transfer-encoding" in names:
+        raise BadRequest("the request has both Content-Length and Transfer-Encoding; send one of them")
 
 
 def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
