@@ -1,11 +1,12 @@
 """The byte pump: one asyncio Protocol per TCP connection, two of them per tunnel.
 
-A :class:`Side` starts in *buffer mode*: bytes collect in ``buffer`` and a
+A :class:`Side` (a BufferedProtocol: reads land in one shared buffer, no
+allocation per read) starts in *buffer mode*: bytes collect in ``buffer`` and a
 coroutine (the connection's handler) waits for them with :meth:`Side.read_more`
 to parse a request head or a ClientHello. :func:`splice` switches a pair of
-Sides to *splice mode*: from then on ``data_received`` writes each chunk
+Sides to *splice mode*: from then on ``buffer_updated`` writes each chunk
 straight to the peer's transport and adds its length to a counter; no other
-Python work per chunk, no task, no copy.
+Python work per chunk, no task, no copy unless the peer's transport must queue it.
 
 Back-pressure: when a transport's write buffer passes its high-water mark the
 event loop calls ``pause_writing`` on that side's protocol, which pauses
@@ -25,7 +26,25 @@ BUFFER_LIMIT = 1 << 20
 WRITE_HIGH_WATER = 512 * 1024
 
 
-class Side(asyncio.Protocol):
+READ_SIZE = 256 * 1024
+
+
+class _ReadBuffer:
+    """The one buffer every Side reads into (reads are handled one at a time on the loop).
+
+    When a write of a slice of it is queued by the peer's transport (uvloop keeps
+    a reference to the memory, it does not copy), the buffer is handed over and a
+    new one is made, so queued bytes are never overwritten.
+    """
+
+    view = memoryview(bytearray(READ_SIZE))
+
+    @classmethod
+    def renew(cls) -> None:
+        cls.view = memoryview(bytearray(READ_SIZE))
+
+
+class Side(asyncio.BufferedProtocol):
     """One TCP connection of a proxied pair (the client's or the upstream's)."""
 
     __slots__ = (
@@ -50,11 +69,18 @@ class Side(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)  # type: ignore[attr-defined]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _ReadBuffer.view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        data = _ReadBuffer.view[:nbytes]
         peer = self.peer
         if peer is not None:
-            self.forwarded += len(data)
-            peer.transport.write(data)  # type: ignore[union-attr]
+            self.forwarded += nbytes
+            transport = peer.transport
+            transport.write(data)  # type: ignore[union-attr]
+            if transport.get_write_buffer_size():  # type: ignore[union-attr]
+                _ReadBuffer.renew()  # the transport queued (and holds) this memory
             return
         self.buffer += data
         if len(self.buffer) > BUFFER_LIMIT and not self._paused:
