@@ -105,7 +105,7 @@ def start_proxy(lab: Lab, tmp_path: Path) -> Iterator[ProxyFactory]:
             "--allowlists", str(directory), "--service", service,
             "--resolver", f"{lab.dns.address[0]}:{lab.dns.address[1]}",
             "--allow-cidr", "127.0.0.0/8", "--allow-cidr", "::1/128",
-            "--dns-timeout", "0.5", "--reload-interval", "0.1",
+            "--dns-timeout", "3", "--reload-interval", "0.1",
             *extra,
         ]
         proc = ProxyProcess(args, tmp_path / f"audit{len(started)}.jsonl", env=env)

@@ -74,7 +74,7 @@ def test_audit_mode_never_lets_forbidden_addresses_through(lab, start_proxy):
 )
 def test_dns_failures_answer_502(lab, start_proxy, name, why):
     """SERVFAIL, a DNS timeout and NXDOMAIN each deny with 502 dns_failure."""
-    proxy = start_proxy({"svc.yaml": service_yaml(rule(name, 443))})
+    proxy = start_proxy({"svc.yaml": service_yaml(rule(name, 443))}, "svc", "--dns-timeout", "0.5")
     answer = connect(proxy, f"{name}:443")
     assert answer.startswith(b"HTTP/1.1 502 ") and b"X-Egressd-Reason: dns_failure" in answer
     [rec] = proxy.wait_records(1)
