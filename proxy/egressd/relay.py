@@ -93,13 +93,19 @@ class Side(asyncio.BufferedProtocol):
         if self._linger is not None:
             self.close()
             return True
-        peer = self.peer
-        if peer is not None:
-            if peer.eof or not peer.transport.can_write_eof():  # type: ignore[union-attr]
-                self.close_pair()
-            else:
-                peer.transport.write_eof()  # type: ignore[union-attr]
+        if self.peer is not None:
+            self.pass_eof()
         self._wake()
+        return True
+
+    def pass_eof(self) -> bool:
+        """Half-close: pass this side's EOF on to the peer, or close both when the peer has ended too
+        (or cannot half-close). False when the pair was closed."""
+        peer = self.peer
+        if peer.eof or not peer.transport.can_write_eof():  # type: ignore[union-attr]
+            self.close_pair()
+            return False
+        peer.transport.write_eof()  # type: ignore[union-attr]
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -135,15 +141,15 @@ class Side(asyncio.BufferedProtocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def read_more(self, deadline: float | None = None) -> bool:
-        """Wait until more bytes are buffered; False when the peer has sent EOF or gone.
+    async def read_more(self, deadline: float | None = None) -> None:
+        """Wait until more bytes are buffered or the peer has sent EOF (callers look at buffer and eof).
 
         ``deadline`` is a loop.time() after which TimeoutError is raised. A timer
         exists only while actually waiting, so a head that is already buffered
         costs no timer at all.
         """
         if self.eof:
-            return False
+            return
         loop = self.done.get_loop()
         waiter = self._waiter = loop.create_future()
         timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
@@ -153,7 +159,6 @@ class Side(asyncio.BufferedProtocol):
             self._waiter = None
             if timer is not None:
                 timer.cancel()
-        return not self.eof or bool(self.buffer)
 
     def take(self) -> bytes:
         """Remove and return everything buffered."""
@@ -221,12 +226,9 @@ def splice(client: Side, upstream: Side) -> None:
     if client.lost or upstream.lost:
         client.close_pair()
         return
-    for src, dst in ((client, upstream), (upstream, client)):
-        if src.eof:
-            if dst.eof or not dst.transport.can_write_eof():  # type: ignore[union-attr]
-                src.close_pair()
-                return
-            dst.transport.write_eof()  # type: ignore[union-attr]
+    for side in (client, upstream):
+        if side.eof and not side.pass_eof():
+            return
 
 
 async def closed(client: Side, upstream: Side) -> None:

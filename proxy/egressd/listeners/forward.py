@@ -56,13 +56,9 @@ class Forwarder:
         rec.bytes_up += len(up)
         await self._send_body(rec, upstream, origin)
         await self._relay_response(rec, upstream, origin)
-        reusable = origin.our_state is h11.DONE and origin.their_state is h11.DONE
-        if reusable:
-            origin.start_next_cycle()
-        else:
+        if not next_cycle(origin):
             self.close()
-        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.DONE:
-            self.conn.start_next_cycle()
+        if next_cycle(self.conn):
             self.engine.close(rec)
             return True
         return False
@@ -118,3 +114,10 @@ class Forwarder:
             self.upstream.close()
         self.upstream = self.origin = self.key = None
 
+
+def next_cycle(conn: h11.Connection) -> bool:
+    """Start the connection's next request/response cycle if both sides finished this one cleanly."""
+    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+        conn.start_next_cycle()
+        return True
+    return False
