@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from egressd.audit import AuditLog, Record
 from egressd.config import Config
 from egressd.errors import Denied, ProxyError, UpstreamFailure, UpstreamTimeout
-from egressd.hostport import Destination, IPAddress, ip_text
+from egressd.hostport import Destination, IPAddress, ip_text, join_host_port
 from egressd.metrics import Metrics
 from egressd.policy.decide import decide
-from egressd.policy.model import Decision, Policy, Reason
+from egressd.policy.model import Decision, IPNetwork, Policy, Reason
 from egressd.relay import IdleSweeper, Side
 from egressd.resolve import Resolver
 
@@ -81,14 +81,14 @@ class Engine:
         self.tasks: set[asyncio.Task] = set()
         self.clients: set[Side] = set()
         self._ids = itertools.count(1)
+        self._cidrs: tuple[Policy | None, tuple[IPNetwork, ...]] = (None, config.allow_cidrs)
         self._prefix = f"{os.getpid():x}-{int(time.time()) & 0xFFFFFF:06x}-"
 
     # -- records --------------------------------------------------------------
     def who(self, client: Side) -> Client:
         """The identify step: the client's address and the service it is (None: no identity, deny)."""
         peer = client.transport.get_extra_info("peername") or ("?", 0)  # type: ignore[union-attr]
-        host = peer[0]
-        return Client(f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}", self.identify(peer))
+        return Client(join_host_port(peer[0], peer[1]), self.identify(peer))
 
     def open(self, who: Client, listener: str, follows: Record | None = None) -> Record:
         """A new record for a client connection; ``follows`` for the next request on the same connection."""
@@ -136,9 +136,7 @@ class Engine:
 
     async def connect(self, rec: Record, dest: Destination) -> Side:
         """Resolve and pin dest's addresses, dial them in order, return the connected upstream Side."""
-        policy = self.policy.current
-        allow_cidrs = self.config.allow_cidrs + (policy.allow_cidrs if policy else ())
-        pinned = await self.resolver.pin(dest, allow_cidrs)
+        pinned = await self.resolver.pin(dest, self._allow_cidrs())
         rec.resolved = [ip_text(ip) for ip in pinned.resolved]
         rec.dns_ms = pinned.dns_ms
         if pinned.refused:
@@ -170,11 +168,18 @@ class Engine:
             elapsed = time.perf_counter() - started
             self.metrics.connect_seconds.observe(elapsed)
             rec.connect_ms = elapsed * 1000
-            rec.upstream = f"[{ip_text(ip)}]:{dest.port}" if ip.version == 6 else f"{ip}:{dest.port}"
+            rec.upstream = join_host_port(ip_text(ip), dest.port)
             return upstream
         rec.connect_ms = (time.perf_counter() - started) * 1000
         summary = f"cannot connect to {dest.authority}: " + ("; ".join(errors) or "no time left")
         raise UpstreamTimeout(summary) if timed_out else UpstreamFailure(summary)
+
+    def _allow_cidrs(self) -> tuple[IPNetwork, ...]:
+        """--allow-cidr and the policy's allow_cidrs together, built once per loaded policy."""
+        policy = self.policy.current
+        if self._cidrs[0] is not policy:
+            self._cidrs = (policy, self.config.allow_cidrs + (policy.allow_cidrs if policy else ()))
+        return self._cidrs[1]
 
     async def _dial(self, ip: IPAddress, port: int) -> Side:
         loop = asyncio.get_running_loop()

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import idna
 
 __all__ = [
-    "BadDestination", "Destination", "IPAddress", "ip_text", "normalize_host", "parse_authority", "parse_ip",
+    "BadDestination", "Destination", "IPAddress", "ip_text", "join_host_port", "normalize_host", "parse_authority",
+    "parse_ip",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -63,9 +64,12 @@ class Destination:
     @property
     def authority(self) -> str:
         """``host:port`` with IPv6 literals bracketed, as it would appear in a CONNECT line."""
-        if self.ip is not None and self.ip.version == 6:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return join_host_port(self.host, self.port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    """``host:port``, with an IPv6 address (any host containing ':') in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def ip_text(ip: IPAddress) -> str:

@@ -46,7 +46,6 @@ class Pinned:
     candidates: tuple[IPAddress, ...]
     refused: tuple[AddressCheck, ...]
     dns_ms: float | None
-    cached: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +80,13 @@ class Resolver:
         self._cache: dict[str, _Entry] = {}
         self._inflight: dict[str, asyncio.Task[_Entry]] = {}
 
-    async def lookup(self, name: str) -> tuple[tuple[IPAddress, ...], float | None, bool]:
-        """Return (addresses, lookup milliseconds or None when cached, cached?) or raise DnsFailure."""
+    async def lookup(self, name: str) -> tuple[tuple[IPAddress, ...], float | None]:
+        """Return (addresses, milliseconds waited for DNS, None when answered from the cache) or raise DnsFailure."""
         entry = self._cache.get(name)
         now = self._clock()
         if entry is not None and entry.expires > now:
             self._metrics.dns_cache["hit"] += 1
-            return self._answer(name, entry), None, True
+            return self._answer(name, entry), None
         self._metrics.dns_cache["miss"] += 1
         started = time.perf_counter()
         task = self._inflight.get(name)
@@ -96,7 +95,7 @@ class Resolver:
             self._inflight[name] = task
             task.add_done_callback(functools.partial(self._finished, name))
         entry = await asyncio.shield(task)
-        return self._answer(name, entry), (time.perf_counter() - started) * 1000, False
+        return self._answer(name, entry), (time.perf_counter() - started) * 1000
 
     def _finished(self, name: str, task: asyncio.Task[_Entry]) -> None:
         self._inflight.pop(name, None)
@@ -156,16 +155,16 @@ class Resolver:
             self._cache.pop(next(iter(self._cache)))
         self._cache[name] = entry
 
-    async def pin(self, dest: Destination, allow_cidrs: Sequence[IPNetwork]) -> Pinned:
+    async def pin(self, dest: Destination, allow_cidrs: tuple[IPNetwork, ...]) -> Pinned:
         """Resolve (unless dest is an IP literal) and classify every answer; candidates may come out empty."""
         if dest.ip is not None:
-            resolved, dns_ms, cached = (dest.ip,), None, False
+            resolved, dns_ms = (dest.ip,), None
         else:
-            resolved, dns_ms, cached = await self.lookup(dest.host)
-        checks = [_check(ip, tuple(allow_cidrs)) for ip in resolved]
+            resolved, dns_ms = await self.lookup(dest.host)
+        checks = [_check(ip, allow_cidrs) for ip in resolved]
         candidates = tuple(c.ip for c in checks if c.allowed)
         refused = tuple(c for c in checks if not c.allowed)
-        return Pinned(tuple(resolved), candidates, refused, dns_ms, cached)
+        return Pinned(resolved, candidates, refused, dns_ms)
 
 
 def _interleave(addresses: list[IPAddress]) -> list[IPAddress]:

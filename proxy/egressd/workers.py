@@ -26,6 +26,7 @@ import structlog
 
 from egressd.admin import Admin
 from egressd.config import Config
+from egressd.hostport import join_host_port
 from egressd.metrics import Metrics, registry_for
 from egressd.policy.loader import PolicyError
 from egressd.reload import load_for
@@ -106,9 +107,8 @@ class Supervisor:
 
     async def spawn(self, index: int, listen: tuple[str, int]) -> None:
         parent, child = socket.socketpair()
-        host = f"[{listen[0]}]" if ":" in listen[0] else listen[0]
         args = [
-            *self.argv, "--workers", "1", "--listen", f"{host}:{listen[1]}", "--admin-listen", "off",
+            *self.argv, "--workers", "1", "--listen", join_host_port(*listen), "--admin-listen", "off",
             "--reuse-port", "--control-fd", str(child.fileno()),
         ]
         proc = await asyncio.create_subprocess_exec(
