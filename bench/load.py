@@ -196,12 +196,10 @@ async def tunnels(args: argparse.Namespace) -> dict[str, Any]:
                 latencies.append(finished - began)
 
     pending = await _run_workers(worker, args)
-    latencies.sort()
     return {
         "completed": len(latencies),
         "per_s": len(latencies) / args.duration,
-        "p50_ms": _ms(percentile(latencies, 0.50)),
-        "p99_ms": _ms(percentile(latencies, 0.99)),
+        **latency_ms(latencies),
         "opened": opened,
         "errors": dict(errors),
         "stuck_workers": len(pending),
@@ -216,6 +214,12 @@ async def _run_workers(worker: Any, args: argparse.Namespace) -> set[asyncio.Tas
     for task in pending:
         task.cancel()
     return pending
+
+
+def latency_ms(latencies: list[float]) -> dict[str, float | None]:
+    """p50_ms and p99_ms of latencies in seconds (sorted here)."""
+    latencies.sort()
+    return {"p50_ms": _ms(percentile(latencies, 0.50)), "p99_ms": _ms(percentile(latencies, 0.99))}
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -7,7 +7,7 @@ import asyncio
 from collections import Counter
 from typing import Any
 
-from bench.load import Failed, _ms, _now, _run_workers, emit, percentile
+from bench.load import Failed, _now, _run_workers, emit, latency_ms
 
 
 class HttpClient(asyncio.Protocol):
@@ -88,12 +88,10 @@ async def http(args: argparse.Namespace) -> dict[str, Any]:
                 transport.close()
 
     await _run_workers(worker, args)
-    latencies.sort()
     return {
         "requests": len(latencies),
         "rps": len(latencies) / args.duration,
-        "p50_ms": _ms(percentile(latencies, 0.50)),
-        "p99_ms": _ms(percentile(latencies, 0.99)),
+        **latency_ms(latencies),
         "non_2xx": counts["non_2xx"],
         "socket_errors": counts["socket_errors"],
     }
