@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import signal
 import sys
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 import uvloop
@@ -108,31 +110,27 @@ async def serve(config: Config) -> int:
         return 2
     await proxy.start()
     loop = asyncio.get_running_loop()
-    stop_task: list[asyncio.Task] = []
+    tasks: set[asyncio.Task] = set()  # signal-started work and the worker's control channel
+
+    def spawn(coro: Coroutine[Any, Any, Any]) -> None:
+        task = loop.create_task(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop_task.append(loop.create_task(proxy.stop())))
-    reloads: set[asyncio.Task] = set()
-
-    def on_hup() -> None:
-        task = loop.create_task(proxy.reloader.reload("SIGHUP"))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+        loop.add_signal_handler(sig, lambda: spawn(proxy.stop()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: spawn(proxy.reloader.reload("SIGHUP")))
     if config.control_fd is not None:
-        control = loop.create_task(
-            serve_control(config.control_fd, proxy.metrics, lambda: stop_task.append(loop.create_task(proxy.stop())))
-        )
-        reloads.add(control)
+        spawn(serve_control(config.control_fd, proxy.metrics, lambda: spawn(proxy.stop())))
     log.info(
         "worker.started" if config.control_fd is not None else "egressd.started",
         listen=proxy.addresses[0], admin=proxy.addresses[1:], service=config.service,
         policy_version=proxy.holder.current.version if proxy.holder.current else None,
     )
     await proxy.stopped.wait()
-    for task in reloads:
+    for task in list(tasks):
         task.cancel()
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(OSError):
         proxy.audit.close()
     log.info("egressd.stopped")
     return 0
