@@ -155,14 +155,13 @@ class Supervisor:
             return
         self.stopping = True
         self.forward(signal.SIGTERM)
-        deadline = self.config.drain_timeout + 10
-        for worker in self.workers:
-            if worker is None:
-                continue
-            try:
-                await asyncio.wait_for(worker.proc.wait(), deadline)
-            except TimeoutError:
-                worker.proc.kill()
+        procs = [w.proc for w in self.workers if w is not None]
+        exits = {asyncio.ensure_future(proc.wait()): proc for proc in procs}
+        if exits:  # the workers drain in parallel, within one deadline in all
+            _, late = await asyncio.wait(exits, timeout=self.config.drain_timeout + 10)
+            for waiter in late:
+                exits[waiter].kill()
+                waiter.cancel()
         for task in list(self.tasks):
             task.cancel()
         self.stopped.set()
