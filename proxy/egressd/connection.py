@@ -48,6 +48,13 @@ class Client:
     service: str | None
 
 
+async def dial_tcp(ip: IPAddress, port: int) -> Side:
+    """Open a TCP connection to ip:port (an address, never a name: nothing resolves again here)."""
+    loop = asyncio.get_running_loop()
+    _, side = await loop.create_connection(lambda: Side(loop), str(ip), port)
+    return side
+
+
 class PolicyHolder:
     """The policy in force. Replaced whole on reload; a connection reads it once, at its decision."""
 
@@ -76,7 +83,7 @@ class Engine:
         self.audit = audit
         self.metrics = metrics
         self.identify = identify
-        self.dial = dial or self._dial
+        self.dial = dial or dial_tcp
         self.sweeper = IdleSweeper(config.idle_timeout, time.monotonic)
         self.tasks: set[asyncio.Task] = set()
         self.clients: set[Side] = set()
@@ -180,11 +187,6 @@ class Engine:
         if self._cidrs[0] is not policy:
             self._cidrs = (policy, self.config.allow_cidrs + (policy.allow_cidrs if policy else ()))
         return self._cidrs[1]
-
-    async def _dial(self, ip: IPAddress, port: int) -> Side:
-        loop = asyncio.get_running_loop()
-        _, side = await loop.create_connection(lambda: Side(loop), str(ip), port)
-        return side
 
     # -- bookkeeping ----------------------------------------------------------
     def serve(self, client: Side, who: Client, handler: Callable[[Engine, Side, Client], Awaitable[None]]) -> None:

@@ -34,6 +34,7 @@ from egressd.addresses import parse_cidr
 from egressd.app import Proxy, configure_logging
 from egressd.audit import AuditLog
 from egressd.config import Config, parse_hostport
+from egressd.connection import dial_tcp
 from egressd.hostport import IPAddress
 from egressd.lab import DnsServer, TlsOrigin, client_ssl_context, make_ca
 from egressd.policy.loader import PolicyError
@@ -101,9 +102,7 @@ async def run_demo(allowlists: Path, serve: bool, listen: tuple[str, int]) -> in
     async def dial(ip: IPAddress, port: int) -> Side:
         if not ip.is_loopback:
             raise OSError(f"the demo dials loopback only, not {ip}")
-        loop = asyncio.get_running_loop()
-        _, side = await loop.create_connection(lambda: Side(loop), str(ip), origin.port)
-        return side
+        return await dial_tcp(ip, origin.port)
 
     config = Config(
         allowlists=allowlists, service=SERVICE, listen=listen if serve else ("127.0.0.1", 0),
