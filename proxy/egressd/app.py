@@ -86,13 +86,9 @@ class Proxy:
         self.stopping = True
         for server in self.servers:
             server.close()
-        tasks = list(self.engine.tasks)
-        if tasks:
-            await asyncio.wait(tasks, timeout=self.config.drain_timeout)
-        for task in list(self.engine.tasks):
-            task.cancel()
-        if self.engine.tasks:
-            await asyncio.wait(list(self.engine.tasks), timeout=5)
+        await self.engine.drain(self.config.drain_timeout)
+        self.engine.abort_all("the proxy shut down")
+        await self.engine.drain(5)
         for task in self.background:
             task.cancel()
         self.admin.close()

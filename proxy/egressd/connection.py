@@ -26,7 +26,7 @@ from egressd.hostport import Destination, IPAddress, ip_text, join_host_port
 from egressd.metrics import Metrics
 from egressd.policy.decide import decide
 from egressd.policy.model import Decision, IPNetwork, Policy, Reason
-from egressd.relay import IdleSweeper, Side
+from egressd.relay import IdleSweeper, Side, splice
 from egressd.resolve import Resolver
 
 Identify = Callable[[tuple], "str | None"]
@@ -87,6 +87,8 @@ class Engine:
         self.sweeper = IdleSweeper(config.idle_timeout, time.monotonic)
         self.tasks: set[asyncio.Task] = set()
         self.clients: set[Side] = set()
+        self.tunnels: dict[Side, Record] = {}  # spliced tunnels by client side: no task holds them
+        self._idle: asyncio.Future[None] | None = None
         self._ids = itertools.count(1)
         self._cidrs: tuple[Policy | None, tuple[IPNetwork, ...]] = (None, config.allow_cidrs)
         self._prefix = f"{os.getpid():x}-{int(time.time()) & 0xFFFFFF:06x}-"
@@ -190,19 +192,69 @@ class Engine:
 
     # -- bookkeeping ----------------------------------------------------------
     def serve(self, client: Side, who: Client, handler: Callable[[Engine, Side, Client], Awaitable[None]]) -> None:
-        """Run handler(engine, client, who) on a tracked task, counting the client as active meanwhile."""
+        """Run handler(engine, client, who) on a tracked task; the client counts as active until
+        :meth:`release` (its connection_lost)."""
         self.clients.add(client)
-        service = who.service or "-"
-        self.metrics.active[service] += 1
+        self.metrics.active[who.service or "-"] += 1
         task = asyncio.get_running_loop().create_task(handler(self, client, who))
         self.tasks.add(task)
+        task.add_done_callback(self._task_done)
 
-        def done(_: asyncio.Task) -> None:
-            self.tasks.discard(task)
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        self._check_idle()
+
+    def release(self, client: Side, who: Client) -> None:
+        """The client connection is gone: it no longer counts as active."""
+        if client in self.clients:
             self.clients.discard(client)
-            self.metrics.active[service] -= 1
+            self.metrics.active[who.service or "-"] -= 1
+            self._check_idle()
 
-        task.add_done_callback(done)
+    def splice(self, rec: Record, client: Side, upstream: Side) -> None:
+        """Hand a decided tunnel to the relay. No task waits on it: its record is emitted, with the byte
+        counts, by the connection_lost of whichever side goes last."""
+        self.tunnels[client] = rec
+        sweeper = self.sweeper
+        sweeper.add(client, upstream)
+
+        def finish() -> None:
+            if rec.emitted or not (client.lost and upstream.lost):
+                return
+            sweeper.discard(client, upstream)
+            del self.tunnels[client]
+            rec.bytes_up = client.forwarded
+            rec.bytes_down = upstream.forwarded
+            self.close(rec)
+            self._check_idle()
+
+        client.on_lost = upstream.on_lost = finish
+        splice(client, upstream)
+        finish()  # both connections may be gone already
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait up to timeout seconds for every connection to end; whether they all did."""
+        if not self._busy():
+            return True
+        self._idle = asyncio.get_running_loop().create_future()
+        done, _ = await asyncio.wait([self._idle], timeout=timeout)
+        return bool(done)
+
+    def abort_all(self, note: str) -> None:
+        """Cancel every handler and abort every client connection; open tunnels get ``note`` in their record."""
+        for task in list(self.tasks):
+            task.cancel()
+        for rec in self.tunnels.values():
+            rec.note(note)
+        for client in list(self.clients):
+            client.abort()
+
+    def _busy(self) -> bool:
+        return bool(self.tasks or self.clients or self.tunnels)
+
+    def _check_idle(self) -> None:
+        if self._idle is not None and not self._idle.done() and not self._busy():
+            self._idle.set_result(None)
 
     def denial_body(self, rec: Record, exc: ProxyError) -> bytes:
         return (

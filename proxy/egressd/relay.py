@@ -48,7 +48,8 @@ class Side(asyncio.BufferedProtocol):
     """One TCP connection of a proxied pair (the client's or the upstream's)."""
 
     __slots__ = (
-        "transport", "buffer", "eof", "lost", "peer", "forwarded", "done", "_waiter", "_drain", "_paused", "_linger",
+        "transport", "buffer", "eof", "lost", "peer", "forwarded", "done", "on_lost",
+        "_waiter", "_drain", "_paused", "_linger",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -59,6 +60,7 @@ class Side(asyncio.BufferedProtocol):
         self.peer: Side | None = None
         self.forwarded = 0
         self.done: asyncio.Future[None] = loop.create_future()
+        self.on_lost: Callable[[], None] | None = None  # called once, at the end of connection_lost
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
@@ -120,6 +122,8 @@ class Side(asyncio.BufferedProtocol):
             self._drain.set_result(None)
         if not self.done.done():
             self.done.set_result(None)
+        if self.on_lost is not None:
+            self.on_lost()
 
     def pause_writing(self) -> None:
         if self.peer is not None:
@@ -229,12 +233,6 @@ def splice(client: Side, upstream: Side) -> None:
     for side in (client, upstream):
         if side.eof and not side.pass_eof():
             return
-
-
-async def closed(client: Side, upstream: Side) -> None:
-    """Wait until both connections of a spliced pair are gone."""
-    await client.done
-    await upstream.done
 
 
 class IdleSweeper:

@@ -1,20 +1,23 @@
 """The explicit proxy listener: HTTP CONNECT tunnels and absolute-form plain HTTP.
 
 Each accepted client gets a :class:`~egressd.relay.Side` and one task running
-:func:`serve_client`. Request heads are parsed by h11; the request line names
-the destination, and the shared steps of :mod:`egressd.connection` do the rest:
+:func:`serve_client`. A CONNECT head is parsed by llhttp (httptools), other
+request heads by h11; the request line names the destination, and the shared
+steps of :mod:`egressd.connection` do the rest:
 
 ``CONNECT host:port``
     authorize → resolve+pin → dial → ``200`` → on TLS ports, the first client
     bytes must be a ClientHello whose SNI equals ``host`` (checked before a
-    byte goes upstream) → splice until either side ends.
+    byte goes upstream) → splice; the task ends there, and the relay's callbacks
+    carry the tunnel until either side ends.
 ``GET http://host/path`` (and every other method)
     handed to :class:`~egressd.listeners.forward.Forwarder`, which checks every request of
     a kept-alive connection again.
 
 Denials get 403 with ``X-Egressd-Reason``, DNS and connect failures 502/504,
 parse errors 400/408/431; the connection then closes. One audit record per
-tunnel or forwarded request, emitted by ``Engine.close`` in a ``finally``.
+tunnel or forwarded request, emitted by ``Engine.close``: in the handler's
+``finally``, or for a spliced tunnel when its second connection is gone.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from egressd.hostport import BadDestination, Destination, normalize_host
 from egressd.listeners.forward import Forwarder
 from egressd.listeners.httpio import receive
 from egressd.policy.model import Reason
-from egressd.relay import Side, closed, splice
-from egressd.sniff.http import Target, bad_request, parse_target
+from egressd.relay import Side
+from egressd.sniff.http import ConnectHead, Target, bad_request, parse_target, starts_connect
 from egressd.sniff.tls import HelloStatus, parse_client_hello
 
 LISTENER = "explicit"
@@ -55,12 +58,25 @@ def error_response(status: int, reason: Reason, body: bytes) -> bytes:
 
 
 async def serve_client(engine: Engine, client: Side, who: Client) -> None:
-    """Serve one client connection until it closes; every request on it gets its record."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=engine.config.max_header_bytes)
+    """Serve one client connection: a CONNECT tunnel, or plain HTTP requests each with its record.
+
+    A spliced tunnel outlives this task: its record then belongs to
+    :meth:`Engine.splice`, which emits it when both connections are gone.
+    """
     rec = engine.open(who, LISTENER)
-    forwarder = Forwarder(engine, client, conn)
-    first = True
+    forwarder = None
+    spliced = False
     try:
+        is_connect = await wait_first_bytes(engine, client)
+        if is_connect is None:
+            rec.note("the client closed the connection before sending a request")
+            return
+        if is_connect:
+            spliced = await tunnel(engine, rec, client, await read_connect_head(engine, client))
+            return
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=engine.config.max_header_bytes)
+        forwarder = Forwarder(engine, client, conn)
+        first = True
         while True:
             request = await read_head(engine, client, conn, first)
             if request is None:
@@ -71,8 +87,9 @@ async def serve_client(engine: Engine, client: Side, who: Client) -> None:
                 return
             first = False
             target = parse_target(request)
-            if target.connect:
-                await tunnel(engine, rec, client, conn, target)
+            if target.connect:  # a tunnel after plain requests on one connection (rare: h11 parsed it)
+                client.buffer[:0] = conn.trailing_data[0]
+                spliced = await tunnel(engine, rec, client, target)
                 return
             if not await forwarder.exchange(rec, request, target):
                 return
@@ -95,10 +112,43 @@ async def serve_client(engine: Engine, client: Side, who: Client) -> None:
         rec.note(f"internal error: {type(exc).__name__}: {exc}")
         client.abort()
     finally:
-        forwarder.close()
-        engine.close(rec)
-        if not client.lingering:
-            client.close()
+        if not spliced:
+            if forwarder is not None:
+                forwarder.close()
+            engine.close(rec)
+            if not client.lingering:
+                client.close()
+
+
+async def wait_first_bytes(engine: Engine, client: Side) -> bool | None:
+    """Wait until the first bytes tell a CONNECT from anything else; None when the client closes first."""
+    deadline = asyncio.get_running_loop().time() + engine.config.header_timeout
+    while True:
+        is_connect = starts_connect(client.buffer)
+        if is_connect is not None and client.buffer:
+            return is_connect
+        if client.eof:
+            return False if client.buffer else None
+        try:
+            await client.read_more(deadline)
+        except TimeoutError:
+            raise BadRequest(f"no complete request head within {engine.config.header_timeout:g}s", status=408) from None
+
+
+async def read_connect_head(engine: Engine, client: Side) -> Target:
+    """Read a CONNECT head (llhttp) within header_timeout; its destination. Bytes behind it stay buffered."""
+    cfg = engine.config
+    deadline = asyncio.get_running_loop().time() + cfg.header_timeout
+    head = ConnectHead()
+    while (end := head.feed(client.buffer, cfg.max_header_bytes)) is None:
+        if client.eof:
+            raise BadRequest("the client closed the connection inside its CONNECT head")
+        try:
+            await client.read_more(deadline)
+        except TimeoutError:
+            raise BadRequest(f"no complete request head within {cfg.header_timeout:g}s", status=408) from None
+    del client.buffer[:end]
+    return head.destination()
 
 
 async def read_head(engine: Engine, client: Side, conn: h11.Connection, first: bool) -> h11.Request | None:
@@ -135,13 +185,10 @@ def check_head_size(request: h11.Request, limit: int) -> None:
         raise BadRequest(f"request head of about {size} bytes exceeds --max-header-bytes {limit}", status=431)
 
 
-async def tunnel(engine: Engine, rec: Record, client: Side, conn: h11.Connection, target: Target) -> None:
-    """CONNECT: decide, dial, answer 200, bind the SNI to the name, then splice."""
+async def tunnel(engine: Engine, rec: Record, client: Side, target: Target) -> bool:
+    """CONNECT: decide, dial, answer 200, bind the SNI to the name, then hand the pair to the relay (True)."""
     rec.protocol = "connect"
     dest = target.dest
-    trailing, _ = conn.trailing_data
-    if trailing:
-        client.buffer[:0] = trailing
     decision = engine.authorize(rec, dest)
     upstream = await engine.connect(rec, dest)
     try:
@@ -149,18 +196,13 @@ async def tunnel(engine: Engine, rec: Record, client: Side, conn: h11.Connection
         client.write(ESTABLISHED)
         if decision.tls_required:
             await read_sni(engine, rec, client, dest)
-        if client.lost:
-            rec.note("the client closed the tunnel before sending anything")
-        splice(client, upstream)
-        engine.sweeper.add(client, upstream)
-        try:
-            await closed(client, upstream)
-        finally:
-            engine.sweeper.discard(client, upstream)
-    finally:
+    except BaseException:
         upstream.close()
-        rec.bytes_up = client.forwarded
-        rec.bytes_down = upstream.forwarded
+        raise
+    if client.lost:
+        rec.note("the client closed the tunnel before sending anything")
+    engine.splice(rec, client, upstream)
+    return True
 
 
 async def read_sni(engine: Engine, rec: Record, client: Side, dest: Destination) -> None:
@@ -197,16 +239,17 @@ async def read_sni(engine: Engine, rec: Record, client: Side, dest: Destination)
 class _Client(Side):
     """The client side of a connection: starts serve_client when accepted, or answers 503 when full."""
 
-    __slots__ = ("engine",)
+    __slots__ = ("engine", "who")
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.engine = engine
+        self.who: Client | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         engine = self.engine
-        who = engine.who(self)
+        who = self.who = engine.who(self)
         if len(engine.clients) >= engine.config.max_connections:
             rec = engine.open(who, LISTENER)
             exc = ProxyError(
@@ -218,6 +261,11 @@ class _Client(Side):
             engine.close(rec)
             return
         engine.serve(self, who, serve_client)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.who is not None:
+            self.engine.release(self, self.who)
 
 
 async def start(engine: Engine, host: str, port: int, reuse_port: bool = False) -> asyncio.Server:
