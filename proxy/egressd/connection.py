@@ -51,7 +51,7 @@ class Client:
 async def dial_tcp(ip: IPAddress, port: int) -> Side:
     """Open a TCP connection to ip:port (an address, never a name: nothing resolves again here)."""
     loop = asyncio.get_running_loop()
-    _, side = await loop.create_connection(lambda: Side(loop), str(ip), port)
+    _, side = await loop.create_connection(lambda: Side(loop), ip_text(ip), port)
     return side
 
 

@@ -72,6 +72,7 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@functools.lru_cache(maxsize=4096)  # the same few answers are written into every record
 def ip_text(ip: IPAddress) -> str:
     """The one textual form of an address, the same on every Python (mapped IPv6 as ``::ffff:1.2.3.4``)."""
     if ip.version == 6 and ip.ipv4_mapped is not None:
