@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
+import threading
 
 import httpx
+import pytest
 
 from conftest import service_yaml
 from harness import raw_request, recv_all
@@ -119,3 +122,203 @@ def test_slow_header_times_out_with_408(lab, start_proxy):
     assert answer.startswith(b"HTTP/1.1 408 ")
     [rec] = proxy.wait_records(1)
     assert rec["reason"] == "bad_request" and rec["status"] == 408
+
+
+# ---------------------------------------------------------------- message framing, both ways
+
+
+class ScriptedOrigin:
+    """A raw TCP origin on loopback: for each connection, reads one request head and sends ``reply`` bytes.
+
+    ``close`` ends the connection after the reply (for close-delimited or cut-short bodies).
+    """
+
+    def __init__(self, reply: bytes, close: bool = True) -> None:
+        self.reply = reply
+        self.close = close
+        self.heads: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        break
+                    data += piece
+                self.heads.append(data.partition(b"\r\n\r\n")[0])
+                conn.sendall(self.reply)
+                if not self.close:
+                    with contextlib.suppress(OSError):
+                        while conn.recv(65536):
+                            pass
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def scripted():
+    origins: list[ScriptedOrigin] = []
+
+    def make(reply: bytes, close: bool = True) -> ScriptedOrigin:
+        origins.append(ScriptedOrigin(reply, close))
+        return origins[-1]
+
+    yield make
+    for origin in origins:
+        origin.stop()
+
+
+def split_response(data: bytes) -> tuple[bytes, dict[str, str], bytes]:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    return lines[0].encode(), {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}, body
+
+
+def dechunk(body: bytes) -> bytes:
+    out = b""
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            return out
+        out, body = out + body[:size], body[size + 2 :]
+
+
+@pytest.mark.parametrize(
+    ("reply", "version", "expect_te", "expect_close"),
+    [
+        # chunked from the origin: chunked to an HTTP/1.1 client
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", "1.1",
+         "chunked", False),
+        # close-delimited from the origin: chunked to an HTTP/1.1 client, which may keep its connection
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nhello world", "1.1", "chunked", False),
+        # chunked from the origin, HTTP/1.0 client: close-delimited, then the connection closes
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n", "1.0",
+         None, True),
+    ],
+    ids=["chunked-to-1.1", "close-delimited-to-1.1", "chunked-to-1.0"],
+)
+def test_origin_body_framing_is_passed_on_for_the_client(lab, start_proxy, scripted, reply, version, expect_te,
+                                                         expect_close):
+    """Chunked and close-delimited origin bodies reach the client whole, framed as its HTTP version allows."""
+    origin = scripted(reply)
+    proxy = start_proxy({"svc.yaml": service_yaml(f"  - host: web.test\n    ports: [{origin.port}]\n")})
+    authority = f"web.test:{origin.port}"
+    request = f"GET http://{authority}/x HTTP/{version}\r\nHost: {authority}\r\n\r\n".encode()
+    with socket.create_connection(proxy.address, timeout=5) as sock:
+        sock.sendall(request)
+        data = b""
+        while not (data.endswith(b"0\r\n\r\n") if expect_te else False):
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            data += piece
+    status, headers, body = split_response(data)
+    assert status.startswith(b"HTTP/1.1 200")
+    assert headers.get("transfer-encoding") == expect_te
+    assert (dechunk(body) if expect_te else body) == b"hello world"
+    assert (headers.get("connection") == "close") == expect_close
+    [rec] = proxy.wait_records(1)
+    assert (rec["decision"], rec["status"]) == ("allow", 200) and rec["bytes_down"] == len(data)
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "reason"),
+    [
+        (b"SSH-2.0-OpenSSH_9.6\r\n", b"502", "upstream_failure"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly part", None, "upstream_failure"),
+        (b"", b"502", "upstream_failure"),
+    ],
+    ids=["not-http", "cut-short", "closed-without-answer"],
+)
+def test_broken_origin_answers_become_upstream_failures(lab, start_proxy, scripted, reply, status, reason):
+    """Garbage or a cut-short body from the origin: 502 if nothing was answered yet, else the client is closed."""
+    origin = scripted(reply)
+    proxy = start_proxy({"svc.yaml": service_yaml(f"  - host: web.test\n    ports: [{origin.port}]\n")})
+    authority = f"web.test:{origin.port}"
+    answer = raw_request(proxy.address, f"GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+    if status is None:
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"only part")  # then closed
+    else:
+        assert answer.startswith(b"HTTP/1.1 " + status) and f"X-Egressd-Reason: {reason}".encode() in answer
+    [rec] = proxy.wait_records(1)
+    assert (rec["decision"], rec["reason"]) == ("deny", reason)
+    assert proxy.proc.poll() is None
+
+
+def test_head_and_no_body_responses_end_at_their_head(lab, start_proxy):
+    """HEAD keeps the origin's Content-Length without a body, 204 has none; the next request still works."""
+    proxy = start_proxy({"svc.yaml": service_yaml(web_rule(lab))})
+    authority = f"web.test:{lab.http.port}"
+    with socket.create_connection(proxy.address, timeout=5) as sock:
+        for method, path in (("HEAD", "/bytes/1000"), ("GET", "/status/204"), ("GET", "/bytes/10")):
+            sock.sendall(f"{method} http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            status, headers, body = split_response(data)
+            if path == "/bytes/10":
+                while len(body) < 10:
+                    body += sock.recv(65536)
+            assert (status.split()[1], body, headers.get("content-length")) == {
+                "/bytes/1000": (b"200", b"", "1000"),
+                "/status/204": (b"204", b"", None),
+                "/bytes/10": (b"200", body, "10"),
+            }[path]
+    records = proxy.wait_records(3)
+    assert [r["status"] for r in records] == [200, 204, 200] and [r["request"] for r in records] == [1, 2, 3]
+
+
+def test_chunked_request_body_pipelining_and_expect_continue(lab, start_proxy):
+    """A chunked request body is re-chunked to the origin; pipelined requests are answered in order;
+    ``Expect: 100-continue`` is answered by egressd before the body is sent."""
+    proxy = start_proxy({"svc.yaml": service_yaml(web_rule(lab))})
+    authority = f"web.test:{lab.http.port}"
+    chunked = (
+        f"POST http://{authority}/echo HTTP/1.1\r\nHost: {authority}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "4\r\nabcd\r\n3\r\nefg\r\n0\r\n\r\n"
+    ).encode()
+    plain = f"GET http://{authority}/bytes/5 HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
+    with socket.create_connection(proxy.address, timeout=5) as sock:
+        sock.sendall(chunked + plain)  # two requests in one write
+        first = read_response(sock)
+        second = read_response(sock)
+        sock.sendall(
+            f"POST http://{authority}/echo HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 5\r\n"
+            "Expect: 100-continue\r\n\r\n".encode()
+        )
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            interim += sock.recv(1)
+        sock.sendall(b"hello")
+        third = read_response(sock)
+    assert first.content == b"abcdefg" and len(second.content) == 5
+    assert interim.startswith(b"HTTP/1.1 100 ") and third.content == b"hello"
+    records = proxy.wait_records(3)
+    assert [r["request"] for r in records] == [1, 2, 3] and {r["status"] for r in records} == {200}
+
+
+def test_head_growing_past_the_limit_in_pieces_gets_431(lab, start_proxy):
+    """A head that keeps growing over several writes is cut at --max-header-bytes with 431."""
+    proxy = start_proxy({"svc.yaml": service_yaml(web_rule(lab))}, "svc", "--max-header-bytes", "2048")
+    with socket.create_connection(proxy.address, timeout=5) as sock:
+        sock.sendall(b"GET http://web.test/ HTTP/1.1\r\nHost: web.test\r\n")
+        with contextlib.suppress(OSError):
+            for n in range(20):
+                sock.sendall(f"X-Filler-{n}: ".encode() + b"a" * 500 + b"\r\n")
+        answer = recv_all(sock)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    [rec] = proxy.wait_records(1)
+    assert (rec["reason"], rec["status"]) == ("bad_request", 431)

@@ -6,7 +6,7 @@ One connection, end to end::
 
 listener
     :mod:`egressd.listeners.explicit` accepts a client into a
-    :class:`egressd.relay.Side` and reads the request head with h11 (CONNECT
+    :class:`egressd.relay.Side` and reads the request head with llhttp (CONNECT
     host:port, or an absolute-form URL, whose requests
     :mod:`egressd.listeners.forward` handles one by one). Later listeners
     (transparent, DNS) sit beside it.
@@ -14,8 +14,8 @@ identify
     :meth:`egressd.connection.Engine.open` asks the identity step which service
     the client is (fixed per process for now: ``--service``).
 sniff
-    Pure parsers, bytes in, value out: :mod:`egressd.sniff.http` (request
-    target, Host binding), :mod:`egressd.sniff.tls` (ClientHello SNI);
+    Pure parsers, bytes in, value out: :mod:`egressd.sniff.http` (HTTP/1.x
+    messages through llhttp, request target, Host binding), :mod:`egressd.sniff.tls` (ClientHello SNI);
     :mod:`egressd.hostport` normalises every name once (IDNA, case, trailing
     dot, canonical IP literals).
 decide

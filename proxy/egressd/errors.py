@@ -3,7 +3,7 @@
 Every error that ends a connection carries a reason from the closed set in
 :class:`egressd.policy.model.Reason` and an HTTP status hint; the listener
 turns it into the answer the client sees and the audit record keeps both. Library
-exceptions (dnspython, OSError, h11) are mapped to these at one boundary each
+exceptions (dnspython, OSError, httptools) are mapped to these at one boundary each
 (resolve.py, connection.py, sniff/http.py), never let through.
 """
 

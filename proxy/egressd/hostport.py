@@ -154,6 +154,7 @@ def _normalize_name(text: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=4096)  # the same few authorities, again and again; refusals are not cached
 def parse_authority(text: str, default_port: int | None = None) -> Destination:
     """Parse ``host:port`` (``[v6]:port`` for IPv6) into a Destination.
 

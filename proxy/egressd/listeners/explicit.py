@@ -1,9 +1,9 @@
 """The explicit proxy listener: HTTP CONNECT tunnels and absolute-form plain HTTP.
 
 Each accepted client gets a :class:`~egressd.relay.Side` and one task running
-:func:`serve_client`. A CONNECT head is parsed by llhttp (httptools), other
-request heads by h11; the request line names the destination, and the shared
-steps of :mod:`egressd.connection` do the rest:
+:func:`serve_client`. Request heads are parsed by llhttp (httptools, see
+:mod:`egressd.sniff.http`); the request line names the destination, and the
+shared steps of :mod:`egressd.connection` do the rest:
 
 ``CONNECT host:port``
     authorize → resolve+pin → dial → ``200`` → on TLS ports, the first client
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 
-import h11
 import structlog
 
 from egressd.audit import Record
@@ -32,10 +31,10 @@ from egressd.connection import Client, Engine
 from egressd.errors import BadRequest, Denied, ProxyError
 from egressd.hostport import BadDestination, Destination, normalize_host
 from egressd.listeners.forward import Forwarder
-from egressd.listeners.httpio import receive
+from egressd.listeners.httpio import CLOSED, next_event
 from egressd.policy.model import Reason
 from egressd.relay import Side
-from egressd.sniff.http import ConnectHead, Target, bad_request, parse_target, starts_connect
+from egressd.sniff.http import Head, RequestParser, Target, parse_target
 from egressd.sniff.tls import HelloStatus, parse_client_hello
 
 LISTENER = "explicit"
@@ -64,34 +63,28 @@ async def serve_client(engine: Engine, client: Side, who: Client) -> None:
     :meth:`Engine.splice`, which emits it when both connections are gone.
     """
     rec = engine.open(who, LISTENER)
+    requests = RequestParser(engine.config.max_header_bytes)
     forwarder = None
     spliced = False
     try:
-        is_connect = await wait_first_bytes(engine, client)
-        if is_connect is None:
-            rec.note("the client closed the connection before sending a request")
-            return
-        if is_connect:
-            spliced = await tunnel(engine, rec, client, await read_connect_head(engine, client))
-            return
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=engine.config.max_header_bytes)
-        forwarder = Forwarder(engine, client, conn)
         first = True
         while True:
-            request = await read_head(engine, client, conn, first)
-            if request is None:
+            head = await read_head(engine, client, requests, first)
+            if head is None:
                 if not first:
                     rec.emitted = True  # the client ended a kept-alive connection: no request, no record
                 else:
                     rec.note("the client closed the connection before sending a request")
                 return
             first = False
-            target = parse_target(request)
-            if target.connect:  # a tunnel after plain requests on one connection (rare: h11 parsed it)
-                client.buffer[:0] = conn.trailing_data[0]
+            target = parse_target(head)
+            if target.connect:
+                client.buffer[:0] = requests.rest  # the tunnel's first bytes, sent right behind the head
                 spliced = await tunnel(engine, rec, client, target)
                 return
-            if not await forwarder.exchange(rec, request, target):
+            if forwarder is None:
+                forwarder = Forwarder(engine, client, requests)
+            if not await forwarder.exchange(rec, head, target):
                 return
             rec = engine.open(who, LISTENER, follows=rec)
     except ProxyError as exc:
@@ -120,69 +113,31 @@ async def serve_client(engine: Engine, client: Side, who: Client) -> None:
                 client.close()
 
 
-async def wait_first_bytes(engine: Engine, client: Side) -> bool | None:
-    """Wait until the first bytes tell a CONNECT from anything else; None when the client closes first."""
-    deadline = asyncio.get_running_loop().time() + engine.config.header_timeout
-    while True:
-        is_connect = starts_connect(client.buffer)
-        if is_connect is not None and client.buffer:
-            return is_connect
-        if client.eof:
-            return False if client.buffer else None
-        try:
-            await client.read_more(deadline)
-        except TimeoutError:
-            raise BadRequest(f"no complete request head within {engine.config.header_timeout:g}s", status=408) from None
-
-
-async def read_connect_head(engine: Engine, client: Side) -> Target:
-    """Read a CONNECT head (llhttp) within header_timeout; its destination. Bytes behind it stay buffered."""
-    cfg = engine.config
-    deadline = asyncio.get_running_loop().time() + cfg.header_timeout
-    head = ConnectHead()
-    while (end := head.feed(client.buffer, cfg.max_header_bytes)) is None:
-        if client.eof:
-            raise BadRequest("the client closed the connection inside its CONNECT head")
-        try:
-            await client.read_more(deadline)
-        except TimeoutError:
-            raise BadRequest(f"no complete request head within {cfg.header_timeout:g}s", status=408) from None
-    del client.buffer[:end]
-    return head.destination()
-
-
-async def read_head(engine: Engine, client: Side, conn: h11.Connection, first: bool) -> h11.Request | None:
-    """Read until h11 yields a request head; None when the client closes cleanly between requests.
+async def read_head(engine: Engine, client: Side, requests: RequestParser, first: bool) -> Head | None:
+    """The next request head; None when the client closes cleanly between requests.
 
     The first request must arrive within header_timeout; a kept-alive connection
     may wait idle_timeout for its next request, then header_timeout for its head.
     """
     cfg = engine.config
     loop = asyncio.get_running_loop()
-    if not first and not client.buffer and not client.eof:
+    if not first and not requests.events and not client.buffer and not client.eof:
         try:
             await client.read_more(loop.time() + cfg.idle_timeout)
         except TimeoutError:
             return None
     timeout = cfg.header_timeout
-    event = await receive(
-        client, conn, timeout,
+    event = await next_event(
+        client, requests, loop.time() + timeout,
         stalled=lambda: BadRequest(f"no complete request head within {timeout:g}s", status=408),
-        malformed=bad_request,
     )
-    if isinstance(event, h11.Request):
-        check_head_size(event, cfg.max_header_bytes)
-        return event
-    if isinstance(event, h11.ConnectionClosed):
+    if event is CLOSED:
+        if requests.in_head:
+            raise BadRequest("the client closed the connection in the middle of its request head")
         return None
-    raise BadRequest(f"unexpected HTTP event {type(event).__name__}")
-
-
-def check_head_size(request: h11.Request, limit: int) -> None:
-    """h11 bounds only incomplete heads; a head that arrived whole is measured here."""
-    size = len(request.method) + len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers) + 14
-    if size > limit:
-        raise BadRequest(f"request head of about {size} bytes exceeds --max-header-bytes {limit}", status=431)
+    if not isinstance(event, Head):
+        raise BadRequest("request body bytes where a request head was expected")
+    return event
 
 
 async def tunnel(engine: Engine, rec: Record, client: Side, target: Target) -> bool:

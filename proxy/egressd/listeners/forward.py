@@ -2,38 +2,54 @@
 
 For every request on a client connection: the Host header must name the URL's
 host (checked in :func:`egressd.sniff.http.parse_target`), the policy decides,
-the name is resolved and pinned, and the request is re-framed by h11 towards
-the origin in origin-form without hop-by-hop headers. The response is framed
-back by the client-side h11 connection. An upstream connection is reused for
-the next request only when it names the same host and port and both h11 sides
-finished their exchange cleanly; otherwise each side is closed.
+the name is resolved and pinned, and the request goes to the origin in
+origin-form without hop-by-hop headers. Messages are parsed by llhttp
+(:mod:`egressd.sniff.http`); heads are written here, bodies pass through as
+they arrive, re-chunked when they were chunked.
+
+Framing towards the client follows the origin's where it can: a Content-Length
+body passes as is; a chunked or close-delimited body is sent chunked to an
+HTTP/1.1 client and close-delimited (then the connection closes) to an HTTP/1.0
+one. ``Expect: 100-continue`` is answered by egressd itself once the origin is
+connected, and not forwarded. Trailers of chunked bodies are dropped.
+
+An upstream connection is reused for the next request only when it names the
+same host and port and the origin's response left it reusable (not
+close-delimited, not ``Connection: close``, not an answer to HEAD); otherwise
+it is closed.
 """
 
 from __future__ import annotations
 
-import h11
+import asyncio
 
 from egressd.audit import Record
 from egressd.connection import Engine
 from egressd.errors import BadRequest, UpstreamFailure, UpstreamTimeout
-from egressd.listeners.httpio import receive
+from egressd.listeners.httpio import CLOSED, LAST_CHUNK, chunk, next_event, serialize
 from egressd.relay import Side
-from egressd.sniff.http import Target, bad_request, forward_headers
+from egressd.sniff.http import NO_BODY_STATUSES, Head, RequestParser, ResponseParser, Target, forward_headers
+
+# An origin's response head may be larger than what clients may send, but not without bound.
+RESPONSE_HEAD_LIMIT = 64 * 1024
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_NOT_FORWARDED = frozenset({b"expect"})
 
 
 class Forwarder:
     """The plain-HTTP side of one client connection, with at most one kept-alive upstream."""
 
-    def __init__(self, engine: Engine, client: Side, conn: h11.Connection) -> None:
+    def __init__(self, engine: Engine, client: Side, requests: RequestParser) -> None:
         self.engine = engine
         self.client = client
-        self.conn = conn
+        self.requests = requests
         self.key: tuple[str, int] | None = None
         self.upstream: Side | None = None
-        self.origin: h11.Connection | None = None
+        self.responses: ResponseParser | None = None
         self.pinned: tuple[str | None, list[str]] = (None, [])
 
-    async def exchange(self, rec: Record, request: h11.Request, target: Target) -> bool:
+    async def exchange(self, rec: Record, head: Head, target: Target) -> bool:
         """Forward one request and its response; return True when the client connection can take another."""
         rec.protocol = "http"
         rec.request = rec.request or 1
@@ -43,81 +59,123 @@ class Forwarder:
         if self.upstream is None or self.key != key or self.upstream.eof:
             self.close()
             self.upstream = await self.engine.connect(rec, dest)
-            self.origin = h11.Connection(h11.CLIENT)
+            self.responses = ResponseParser(RESPONSE_HEAD_LIMIT)
             self.key = key
             self.pinned = (rec.upstream, rec.resolved)
         else:
             rec.upstream, rec.resolved = self.pinned
-        upstream, origin = self.upstream, self.origin
-        assert origin is not None
-        headers = forward_headers(list(request.headers))
-        up = origin.send(h11.Request(method=request.method, target=target.path, headers=headers))
-        upstream.write(up)
-        rec.bytes_up += len(up)
-        await self._send_body(rec, upstream, origin)
-        await self._relay_response(rec, upstream, origin)
-        if not next_cycle(origin):
+        upstream, responses = self.upstream, self.responses
+        assert responses is not None
+        line = head.method + b" " + target.path + b" HTTP/1.1\r\n"
+        out = serialize(line, forward_headers(head.headers, _NOT_FORWARDED))
+        upstream.write(out)
+        rec.bytes_up += len(out)
+        expect = head.get(b"expect")
+        if expect is not None and expect.lower() == b"100-continue" and (head.chunked or head.length):
+            self.client.write(CONTINUE)
+        await self._send_body(rec, upstream, head.chunked)
+        reusable, keep_client = await self._relay_response(rec, upstream, responses, head)
+        if not reusable:
             self.close()
-        if next_cycle(self.conn):
+        if keep_client and not self.requests.upgraded:
             self.engine.close(rec)
             return True
         return False
 
-    async def _send_body(self, rec: Record, upstream: Side, origin: h11.Connection) -> None:
+    async def _send_body(self, rec: Record, upstream: Side, chunked: bool) -> None:
         timeout = self.engine.config.idle_timeout
+        loop = asyncio.get_running_loop()
         while True:
-            event = await receive(
-                self.client, self.conn, timeout,
+            event = await next_event(
+                self.client, self.requests, loop.time() + timeout,
                 stalled=lambda: BadRequest(f"the request body stalled for {timeout:g}s", status=408),
-                malformed=bad_request,
             )
-            if not isinstance(event, h11.Data | h11.EndOfMessage):
-                raise BadRequest(f"unexpected {type(event).__name__} while reading the request body")
-            out = origin.send(event)
-            if out:
-                upstream.write(out)
-                rec.bytes_up += len(out)
-                await upstream.drain()
-            if isinstance(event, h11.EndOfMessage):
+            if event is CLOSED:
+                raise BadRequest("the client closed the connection in the middle of its request body")
+            if event is None:  # END
+                if chunked:
+                    upstream.write(LAST_CHUNK)
+                    rec.bytes_up += len(LAST_CHUNK)
                 return
+            assert isinstance(event, bytes)
+            out = chunk(event) if chunked else event
+            upstream.write(out)
+            rec.bytes_up += len(out)
+            await upstream.drain()
 
-    async def _relay_response(self, rec: Record, upstream: Side, origin: h11.Connection) -> None:
-        client, conn = self.client, self.conn
+    async def _relay_response(
+        self, rec: Record, upstream: Side, responses: ResponseParser, request: Head
+    ) -> tuple[bool, bool]:
+        """Pass the origin's response on; (upstream reusable, client connection may continue)."""
+        client = self.client
         timeout = self.engine.config.idle_timeout
+        loop = asyncio.get_running_loop()
+        head_only = request.method == b"HEAD"
+        if head_only:
+            responses.expect_head_only()
+        rechunk = False
+        reusable = keep_client = False
         while True:
-            event = await receive(
-                upstream, origin, timeout,
-                stalled=lambda: UpstreamTimeout(f"the origin sent no response within {timeout:g}s"),
-                malformed=lambda exc: UpstreamFailure(f"the origin sent malformed HTTP: {exc}"),
-            )
-            if isinstance(event, h11.ConnectionClosed):
-                raise UpstreamFailure("the origin closed the connection before a complete response")
-            if isinstance(event, h11.InformationalResponse | h11.Response):
-                if rec.status is None or isinstance(event, h11.Response):
-                    rec.status = event.status_code
-                event = type(event)(
-                    status_code=event.status_code, headers=forward_headers(list(event.headers)), reason=event.reason
-                )
             try:
-                out = conn.send(event)
-            except h11.LocalProtocolError as exc:
-                raise UpstreamFailure(f"cannot pass the origin's response on: {exc}") from None
-            if out:
-                client.write(out)
-                rec.bytes_down += len(out)
-                await client.drain()
-            if isinstance(event, h11.EndOfMessage):
-                return
+                event = await next_event(
+                    upstream, responses, loop.time() + timeout,
+                    stalled=lambda: UpstreamTimeout(f"the origin sent no response within {timeout:g}s"),
+                )
+            except ValueError as exc:
+                raise UpstreamFailure(f"the origin sent malformed HTTP: {exc}") from None
+            if event is CLOSED:
+                if responses.feed_eof():
+                    continue
+                raise UpstreamFailure("the origin closed the connection before a complete response")
+            if isinstance(event, Head):
+                if event.status < 200:  # interim: pass it on, the final response follows
+                    line = b"HTTP/1.1 %d %s\r\n" % (event.status, event.reason)
+                    out = serialize(line, forward_headers(event.headers))
+                else:
+                    rec.status = event.status
+                    out, rechunk, keep_client = self._response_head(event, request, head_only)
+                    reusable = event.keep_alive and not head_only and (
+                        event.chunked or event.length is not None or event.status in NO_BODY_STATUSES
+                    )
+            elif event is None:  # END
+                if rechunk:
+                    client.write(LAST_CHUNK)
+                    rec.bytes_down += len(LAST_CHUNK)
+                return reusable, keep_client
+            else:
+                out = chunk(event) if rechunk else event
+            client.write(out)
+            rec.bytes_down += len(out)
+            await client.drain()
+
+    @staticmethod
+    def _response_head(head: Head, request: Head, head_only: bool) -> tuple[bytes, bool, bool]:
+        """The response head for the client; (bytes, re-chunk the body, client connection may continue)."""
+        keep = request.keep_alive
+        if head_only or head.status in NO_BODY_STATUSES:
+            headers, rechunk = forward_headers(head.headers), False
+        elif head.length is not None and not head.chunked:
+            headers, rechunk = forward_headers(head.headers), False
+        else:
+            headers = forward_headers(head.headers, _FRAMING)
+            coding = head.get(b"transfer-encoding")
+            codings = [c.strip() for c in coding.split(b",")] if coding else []
+            if head.chunked:
+                codings.pop()  # removed by the parser; other codings stay on the body
+            rechunk = request.version == "1.1"
+            if rechunk:
+                codings.append(b"chunked")
+            else:
+                keep = False  # HTTP/1.0 client: the body ends when the connection does
+            if codings:
+                headers.append((b"transfer-encoding", b", ".join(codings)))
+        if not keep:
+            headers.append((b"connection", b"close"))
+        elif request.version == "1.0":
+            headers.append((b"connection", b"keep-alive"))
+        return serialize(b"HTTP/1.1 %d %s\r\n" % (head.status, head.reason), headers), rechunk, keep
 
     def close(self) -> None:
         if self.upstream is not None:
             self.upstream.close()
-        self.upstream = self.origin = self.key = None
-
-
-def next_cycle(conn: h11.Connection) -> bool:
-    """Start the connection's next request/response cycle if both sides finished this one cleanly."""
-    if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-        conn.start_next_cycle()
-        return True
-    return False
+        self.upstream = self.responses = self.key = None

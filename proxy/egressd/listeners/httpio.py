@@ -1,43 +1,49 @@
-"""Feeding a Side's bytes to an h11 connection until it yields an event: the one read loop of HTTP."""
+"""Feeding a Side's bytes to an HTTP parser until it has an event: the one read loop of HTTP."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
-
-import h11
 
 from egressd.errors import ProxyError
 from egressd.relay import Side
+from egressd.sniff.http import Event, RequestParser, ResponseParser
+
+CLOSED = object()  # next_event's answer when the peer has ended and nothing is left to parse
 
 
-async def receive(
+def serialize(start_line: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A message head: the start line (with its CRLF), the header lines, the empty line."""
+    return start_line + b"".join(name + b": " + value + b"\r\n" for name, value in headers) + b"\r\n"
+
+
+def chunk(piece: bytes) -> bytes:
+    """One piece of a body in chunked coding."""
+    return b"%x\r\n" % len(piece) + piece + b"\r\n"
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+async def next_event(
     side: Side,
-    conn: h11.Connection,
-    timeout: float,
+    parser: RequestParser | ResponseParser,
+    deadline: float,
     stalled: Callable[[], ProxyError],
-    malformed: Callable[[h11.RemoteProtocolError], ProxyError],
-) -> h11.Event | type[h11.PAUSED]:
-    """The next h11 event from side, reading as needed for at most ``timeout`` seconds.
+) -> Event | object:
+    """The next event of parser, fed with side's bytes as they arrive, by ``deadline`` (loop.time()).
 
-    ``stalled()`` is raised when the time runs out, ``malformed(exc)`` when h11
-    refuses the bytes; at EOF h11 is told, so it yields ConnectionClosed or
-    refuses an incomplete message.
+    :data:`CLOSED` when side has ended and no event is left; ``stalled()`` is
+    raised when the deadline passes. Parse errors come from ``parser.feed``.
     """
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
+    events = parser.events
+    while not events:
         if side.buffer:
-            conn.receive_data(side.take())
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise malformed(exc) from None
-        if event is not h11.NEED_DATA:
-            return event
-        if side.eof:
-            conn.receive_data(b"")
+            parser.feed(side.take())
             continue
+        if side.eof:
+            return CLOSED
         try:
             await side.read_more(deadline)
         except TimeoutError:
             raise stalled() from None
+    return events.popleft()

@@ -1,28 +1,32 @@
-"""HTTP/1.1 request heads: bytes in, a value out.
+"""HTTP/1.x messages, parsed by llhttp (through httptools): bytes in, events out.
 
-A ``CONNECT`` head is parsed by llhttp (through httptools, C, about a tenth of
-h11's cost): a tunnel needs only its request line, and it is the hot path.
-Every other request is parsed by h11, which also frames its body and response.
+:class:`RequestParser` and :class:`ResponseParser` are fed bytes as they arrive
+and queue what llhttp found: a :class:`Head`, body pieces (``bytes``, with
+chunked coding already removed) and :data:`END` at the end of each message.
+Pipelined messages simply queue one after the other. llhttp refuses what RFC
+9112 refuses (bad tokens and control characters, bare LF, obs-fold, both
+Content-Length and Transfer-Encoding, duplicate Content-Length, a
+Transfer-Encoding that does not end in ``chunked`` on a request); those become
+:class:`~egressd.errors.BadRequest` here, with llhttp's words.
 
 Two request forms reach an explicit proxy and both name the destination:
 
-* ``CONNECT host:port`` (authority-form) opens a tunnel;
+* ``CONNECT host:port`` (authority-form) opens a tunnel; llhttp stops there and
+  the bytes behind the head are the tunnel's (:attr:`RequestParser.rest`);
 * ``GET http://host[:port]/path`` (absolute-form) is forwarded; its Host header
   must name the same host and port (``host_mismatch`` otherwise), so that an
   origin behind one allowed IP cannot be asked for another site by Host.
 
 Origin-form (``GET /path``), ``https://`` absolute-form and asterisk-form are
-refused with 400 and a message saying what to send instead. Every error is a
-:class:`~egressd.errors.BadRequest` carrying h11's status hint (400, 431 for an
-oversized head).
+refused with 400 and a message saying what to send instead.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-import h11
 import httptools
 
 from egressd.errors import BadRequest, Denied
@@ -36,6 +40,225 @@ HOP_BY_HOP = frozenset(
         b"te", b"trailer", b"upgrade",
     }
 )
+NO_BODY_STATUSES = frozenset({204, 304})
+END = None  # the event that ends a message
+
+
+@dataclass(slots=True)
+class Head:
+    """A request or response head. Header names are lower-cased; values are as sent."""
+
+    method: bytes = b""  # requests
+    target: bytes = b""  # requests
+    status: int = 0  # responses
+    reason: bytes = b""  # responses
+    version: str = "1.1"
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    keep_alive: bool = True  # what the message says of its connection, as llhttp reads it
+    chunked: bool = False  # the body is chunked (Transfer-Encoding ends in chunked)
+    length: int | None = None  # Content-Length, if given
+
+    def get(self, name: bytes) -> bytes | None:
+        return next((value for n, value in self.headers if n == name), None)
+
+    def size(self) -> int:
+        """About the bytes of the head on the wire."""
+        return len(self.method) + len(self.target) + len(self.reason) + 14 + sum(
+            len(n) + len(v) + 4 for n, v in self.headers
+        )
+
+
+Event = Head | bytes | None
+
+
+class _Parser:
+    """Drives an llhttp parser; its callbacks queue events. ``limit`` bounds a head's bytes (431)."""
+
+    __slots__ = ("_parser", "events", "_head", "_url", "_open_for", "_fed", "_ended", "_in_message", "limit")
+
+    def __init__(self, parser: httptools.HttpRequestParser | httptools.HttpResponseParser, limit: int) -> None:
+        self._parser = parser
+        self.events: deque[Event] = deque()
+        self._head: Head | None = None
+        self._url = b""
+        self._open_for = 0  # bytes fed since the current head began (0: no head in progress)
+        self._fed = 0  # bytes fed in all
+        self._ended = 0  # messages completed
+        self._in_message = False
+        self.limit = limit
+
+    @property
+    def in_head(self) -> bool:
+        """Part of a head has been fed, not all of it."""
+        return self._open_for > 0
+
+    # -- llhttp callbacks (the URL and status may come in pieces; a header comes whole) --
+    def on_message_begin(self) -> None:
+        self._head = Head()
+        self._url = b""
+        self._open_for = 1
+        self._in_message = True
+
+    def on_url(self, piece: bytes) -> None:
+        self._url += piece
+
+    def on_status(self, piece: bytes) -> None:
+        self._url += piece
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head.headers.append((name.lower(), value))  # type: ignore[union-attr]
+
+    def on_headers_complete(self) -> None:
+        head, parser = self._head, self._parser
+        assert head is not None
+        self._open_for = 0
+        head.version = parser.get_http_version()
+        head.keep_alive = parser.should_keep_alive()
+        self._complete(head, parser)
+        for name, value in head.headers:
+            if name == b"content-length":
+                head.length = int(value)
+            elif name == b"transfer-encoding":
+                head.chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+        if self._fed > self.limit and head.size() > self.limit:  # (a head cannot be longer than the bytes fed)
+            raise BadRequest(f"head of about {head.size()} bytes exceeds the limit of {self.limit}", status=431)
+        self.events.append(head)
+
+    def _complete(self, head: Head, parser: object) -> None:
+        raise NotImplementedError
+
+    def on_body(self, piece: bytes) -> None:
+        self.events.append(piece)
+
+    def on_message_complete(self) -> None:
+        self._ended += 1
+        self._in_message = False
+        self.events.append(END)
+
+    def _feed(self, data: bytes) -> None:
+        """Parse data; raises httptools' errors (the subclasses say what they mean).
+
+        A head still open after a feed is bounded by ``limit`` (431) as it grows:
+        its bytes are the whole piece when it began at the piece's start (no
+        message was in progress and none ended in it), else those of the pieces
+        after the one it began in (that one is bounded by the read buffer). The
+        complete head is measured again in on_headers_complete.
+        """
+        began_before = self._open_for > 0
+        at_start = not self._in_message
+        ended = self._ended
+        self._fed += len(data)
+        self._parser.feed_data(data)
+        if self._open_for:
+            if began_before:
+                self._open_for += len(data)
+            else:
+                self._open_for = len(data) if at_start and self._ended == ended else 1
+            if self._open_for > self.limit:
+                raise BadRequest(f"head exceeds the limit of {self.limit} bytes", status=431)
+
+
+class RequestParser(_Parser):
+    """Client requests. After a CONNECT (or an Upgrade request) llhttp stops: ``upgraded`` is set and
+    ``rest`` holds the bytes that came behind the head."""
+
+    __slots__ = ("upgraded", "rest")
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(httptools.HttpRequestParser(self), limit)
+        self.upgraded = False
+        self.rest = b""
+
+    def _complete(self, head: Head, parser: httptools.HttpRequestParser) -> None:  # type: ignore[override]
+        head.method = parser.get_method()
+        head.target = self._url
+        if head.version not in ("1.1", "1.0"):
+            raise BadRequest(f"HTTP/{head.version} is not supported; send HTTP/1.1")
+
+    def feed(self, data: bytes) -> None:
+        """Parse client bytes; BadRequest (400, 431) when they are not HTTP/1.x."""
+        if self.upgraded:
+            self.rest += data
+            return
+        try:
+            self._feed(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.upgraded = True
+            self.rest = data[upgrade.args[0]:]
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, BadRequest):
+                raise cause from None
+            raise BadRequest(f"malformed HTTP: {exc}") from None
+        except httptools.HttpParserError as exc:
+            raise BadRequest(f"malformed HTTP: {exc}") from None
+
+
+class ResponseParser(_Parser):
+    """Origin responses to the requests sent on one connection, in order.
+
+    llhttp cannot be told that a response answers HEAD (it would wait for the
+    body its Content-Length announces), so :meth:`expect_head_only` makes the
+    next final response end at its head; the connection must then not be reused.
+    A body delimited by the connection's end (no Content-Length, not chunked)
+    ends at :meth:`feed_eof`.
+    """
+
+    __slots__ = ("_head_only", "_close_delimited")
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(httptools.HttpResponseParser(self), limit)
+        self._head_only = False
+        self._close_delimited = False
+
+    def expect_head_only(self) -> None:
+        self._head_only = True
+
+    def _complete(self, head: Head, parser: httptools.HttpResponseParser) -> None:  # type: ignore[override]
+        head.status = parser.get_status_code()
+        head.reason = self._url
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        head = self.events[-1]
+        assert isinstance(head, Head)
+        if head.status >= 200:
+            self._close_delimited = not (
+                head.chunked or head.length is not None or head.status in NO_BODY_STATUSES or self._head_only
+            )
+            if self._head_only:
+                self.events.append(END)
+                raise _HeadOnly
+
+    def on_message_complete(self) -> None:
+        self._close_delimited = False
+        super().on_message_complete()
+
+    def feed(self, data: bytes) -> None:
+        """Parse origin bytes; ValueError with llhttp's words when they are not an HTTP/1.x response."""
+        try:
+            self._feed(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _HeadOnly):
+                return
+            raise ValueError(str(cause or exc)) from None
+        except httptools.HttpParserError as exc:
+            raise ValueError(str(exc)) from None
+        except BadRequest as exc:
+            raise ValueError(str(exc)) from None
+
+    def feed_eof(self) -> bool:
+        """The origin closed: END for a close-delimited body; False if a message was cut short."""
+        if self._close_delimited:
+            self._close_delimited = False
+            self.events.append(END)
+            return True
+        return False
+
+
+class _HeadOnly(Exception):
+    """Stops llhttp after the head of a response to HEAD."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,86 +270,17 @@ class Target:
     path: bytes = b""
 
 
-CONNECT_PREFIX = b"CONNECT "
-
-
-def starts_connect(data: bytes | bytearray) -> bool | None:
-    """Whether the bytes begin a CONNECT request line; None while too few have arrived to tell."""
-    n = min(len(data), len(CONNECT_PREFIX))
-    if data[:n] != CONNECT_PREFIX[:n]:
-        return False
-    return True if n == len(CONNECT_PREFIX) else None
-
-
-class ConnectHead:
-    """A CONNECT request head, parsed incrementally by llhttp as the bytes arrive.
-
-    :meth:`feed` is given the whole client buffer each time and parses only what
-    it has not seen; once the head is complete it returns the head's length
-    (the bytes after it are the tunnel's first bytes). llhttp refuses what RFC
-    9112 refuses (bad tokens, control characters, bare LF, obs-fold); the HTTP
-    version must be 1.0 or 1.1.
-    """
-
-    __slots__ = ("_parser", "_fed", "target", "headers")
-
-    def __init__(self) -> None:
-        self._parser = httptools.HttpRequestParser(self)
-        self._fed = 0
-        self.target = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-
-    # llhttp callbacks (the URL may come in pieces; a header comes whole)
-    def on_url(self, piece: bytes) -> None:
-        self.target += piece
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
-
-    def feed(self, buffer: bytes | bytearray, limit: int) -> int | None:
-        """Parse the unseen part of buffer; the head's length once complete, else None.
-
-        Raises BadRequest (400, or 431 past ``limit`` bytes of head).
-        """
-        start = self._fed
+def parse_target(head: Head) -> Target:
+    """Turn a request head into a Target, or raise BadRequest/Denied with the reason."""
+    target = head.target.decode("ascii", "replace")
+    if head.method == b"CONNECT":
         try:
-            self._parser.feed_data(buffer[start:])
-        except httptools.HttpParserUpgrade as upgrade:  # llhttp ends every CONNECT head this way
-            end = start + upgrade.args[0]
-        except httptools.HttpParserError as exc:
-            raise BadRequest(f"malformed HTTP: {exc}") from None
-        else:
-            self._fed = len(buffer)
-            if self._fed > limit:
-                raise BadRequest(f"request head exceeds --max-header-bytes {limit}", status=431)
-            return None
-        if end > limit:
-            raise BadRequest(f"request head of {end} bytes exceeds --max-header-bytes {limit}", status=431)
-        version = self._parser.get_http_version()
-        if version not in ("1.1", "1.0"):
-            raise BadRequest(f"HTTP/{version} is not supported; send HTTP/1.1")
-        return end
-
-    def destination(self) -> Target:
-        return connect_target(self.target.decode("ascii", "replace"))
-
-
-def connect_target(target: str) -> Target:
-    """The authority-form target of a CONNECT as a Target, or BadRequest."""
-    try:
-        return Target(parse_authority(target), connect=True)
-    except BadDestination as exc:
-        raise BadRequest(f"CONNECT {target}: {exc}") from None
-
-
-def parse_target(request: h11.Request) -> Target:
-    """Turn a request line into a Target, or raise BadRequest/Denied with the reason."""
-    target = request.target.decode("ascii", "replace")
-    if request.method == b"CONNECT":
-        return connect_target(target)
+            return Target(parse_authority(target), connect=True)
+        except BadDestination as exc:
+            raise BadRequest(f"CONNECT {target}: {exc}") from None
     if target.startswith("/") or target == "*":
         raise BadRequest(
-            f"{request.method.decode()} {target}: egressd is a forward proxy; send an absolute URL "
+            f"{head.method.decode()} {target}: egressd is a forward proxy; send an absolute URL "
             "(http://host/path) or CONNECT host:port"
         )
     try:
@@ -145,14 +299,13 @@ def parse_target(request: h11.Request) -> Target:
     path = url.path or "/"
     if url.query:
         path += "?" + url.query
-    check_host_header(request, dest)
-    check_framing(request)
+    check_host_header(head, dest)
     return Target(dest, connect=False, path=path.encode("ascii", "replace"))
 
 
-def check_host_header(request: h11.Request, dest: Destination) -> None:
+def check_host_header(head: Head, dest: Destination) -> None:
     """The Host header must name the absolute-form host and port (default 80); else Denied(host_mismatch)."""
-    hosts = [value for name, value in request.headers if name == b"host"]
+    hosts = [value for name, value in head.headers if name == b"host"]
     if len(hosts) != 1:
         raise BadRequest(f"expected exactly one Host header, got {len(hosts)}")
     value = hosts[0].decode("ascii", "replace")
@@ -164,28 +317,15 @@ def check_host_header(request: h11.Request, dest: Destination) -> None:
         raise Denied(Reason.HOST_MISMATCH, f"Host header {value!r} does not name the requested {dest.authority}")
 
 
-def check_framing(request: h11.Request) -> None:
-    """A request must not carry both Content-Length and Transfer-Encoding (RFC 9112 6.1).
-
-    h11 would frame it by Transfer-Encoding while an origin may read Content-Length:
-    the gap between the two is how requests are smuggled past a proxy.
-    """
-    names = {name for name, _ in request.headers}
-    if b"content-length" in names and b"transfer-encoding" in names:
-        raise BadRequest("the request has both Content-Length and Transfer-Encoding; send one of them")
+Headers = list[tuple[bytes, bytes]]
 
 
-def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """Drop hop-by-hop headers and those the Connection header lists."""
+def forward_headers(headers: Headers, drop: frozenset[bytes] = frozenset()) -> Headers:
+    """Drop hop-by-hop headers, those the Connection header lists, and ``drop``."""
     listed = {
         token.strip().lower()
         for name, value in headers
         if name == b"connection"
         for token in value.split(b",")
     }
-    return [(name, value) for name, value in headers if name not in HOP_BY_HOP and name not in listed]
-
-
-def bad_request(exc: h11.RemoteProtocolError) -> BadRequest:
-    """h11's refusal of the client's bytes as our BadRequest, keeping its status hint (400, 431)."""
-    return BadRequest(f"malformed HTTP: {exc}", status=exc.error_status_hint)
+    return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in listed and n not in drop]
