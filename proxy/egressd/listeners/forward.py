@@ -37,6 +37,30 @@ _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _NOT_FORWARDED = frozenset({b"expect"})
 
 
+class _Batch:
+    """What goes to one side, written in one call once the parser has nothing more queued
+    (a small response's head and body leave in one write)."""
+
+    __slots__ = ("side", "parts", "count")
+
+    def __init__(self, side: Side) -> None:
+        self.side = side
+        self.parts: list[bytes] = []
+        self.count = 0  # bytes written, for the record
+
+    def add(self, data: bytes) -> None:
+        self.parts.append(data)
+
+    async def flush(self) -> None:
+        parts = self.parts
+        if parts:
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            parts.clear()
+            self.side.write(data)
+            self.count += len(data)
+            await self.side.drain()
+
+
 class Forwarder:
     """The plain-HTTP side of one client connection, with at most one kept-alive upstream."""
 
@@ -67,14 +91,20 @@ class Forwarder:
         upstream, responses = self.upstream, self.responses
         assert responses is not None
         line = head.method + b" " + target.path + b" HTTP/1.1\r\n"
-        out = serialize(line, forward_headers(head.headers, _NOT_FORWARDED))
-        upstream.write(out)
-        rec.bytes_up += len(out)
+        up = _Batch(upstream)
+        up.add(serialize(line, forward_headers(head.headers, _NOT_FORWARDED)))
         expect = head.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and (head.chunked or head.length):
             self.client.write(CONTINUE)
-        await self._send_body(rec, upstream, head.chunked)
-        reusable, keep_client = await self._relay_response(rec, upstream, responses, head)
+        try:
+            await self._send_body(up, head.chunked)
+        finally:
+            rec.bytes_up += up.count
+        down = _Batch(self.client)
+        try:
+            reusable, keep_client = await self._relay_response(rec, down, responses, head)
+        finally:
+            rec.bytes_down += down.count
         if not reusable:
             self.close()
         if keep_client and not self.requests.upgraded:
@@ -82,32 +112,34 @@ class Forwarder:
             return True
         return False
 
-    async def _send_body(self, rec: Record, upstream: Side, chunked: bool) -> None:
+    async def _send_body(self, up: _Batch, chunked: bool) -> None:
+        """Pass the request body on; the head is already in ``up``."""
         timeout = self.engine.config.idle_timeout
         loop = asyncio.get_running_loop()
+        requests = self.requests
         while True:
+            if not requests.events:
+                await up.flush()
             event = await next_event(
-                self.client, self.requests, loop.time() + timeout,
+                self.client, requests, loop.time() + timeout,
                 stalled=lambda: BadRequest(f"the request body stalled for {timeout:g}s", status=408),
             )
             if event is CLOSED:
                 raise BadRequest("the client closed the connection in the middle of its request body")
             if event is None:  # END
                 if chunked:
-                    upstream.write(LAST_CHUNK)
-                    rec.bytes_up += len(LAST_CHUNK)
+                    up.add(LAST_CHUNK)
+                await up.flush()
                 return
             assert isinstance(event, bytes)
-            out = chunk(event) if chunked else event
-            upstream.write(out)
-            rec.bytes_up += len(out)
-            await upstream.drain()
+            up.add(chunk(event) if chunked else event)
 
     async def _relay_response(
-        self, rec: Record, upstream: Side, responses: ResponseParser, request: Head
+        self, rec: Record, down: _Batch, responses: ResponseParser, request: Head
     ) -> tuple[bool, bool]:
         """Pass the origin's response on; (upstream reusable, client connection may continue)."""
-        client = self.client
+        upstream = self.upstream
+        assert upstream is not None
         timeout = self.engine.config.idle_timeout
         loop = asyncio.get_running_loop()
         head_only = request.method == b"HEAD"
@@ -116,6 +148,8 @@ class Forwarder:
         rechunk = False
         reusable = keep_client = False
         while True:
+            if not responses.events:
+                await down.flush()
             try:
                 event = await next_event(
                     upstream, responses, loop.time() + timeout,
@@ -130,23 +164,21 @@ class Forwarder:
             if isinstance(event, Head):
                 if event.status < 200:  # interim: pass it on, the final response follows
                     line = b"HTTP/1.1 %d %s\r\n" % (event.status, event.reason)
-                    out = serialize(line, forward_headers(event.headers))
-                else:
-                    rec.status = event.status
-                    out, rechunk, keep_client = self._response_head(event, request, head_only)
-                    reusable = event.keep_alive and not head_only and (
-                        event.chunked or event.length is not None or event.status in NO_BODY_STATUSES
-                    )
+                    down.add(serialize(line, forward_headers(event.headers)))
+                    continue
+                rec.status = event.status
+                out, rechunk, keep_client = self._response_head(event, request, head_only)
+                down.add(out)
+                reusable = event.keep_alive and not head_only and (
+                    event.chunked or event.length is not None or event.status in NO_BODY_STATUSES
+                )
             elif event is None:  # END
                 if rechunk:
-                    client.write(LAST_CHUNK)
-                    rec.bytes_down += len(LAST_CHUNK)
+                    down.add(LAST_CHUNK)
+                await down.flush()
                 return reusable, keep_client
             else:
-                out = chunk(event) if rechunk else event
-            client.write(out)
-            rec.bytes_down += len(out)
-            await client.drain()
+                down.add(chunk(event) if rechunk else event)
 
     @staticmethod
     def _response_head(head: Head, request: Head, head_only: bool) -> tuple[bytes, bool, bool]:
