@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-import h11
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from egressd.errors import BadRequest
+from egressd.sniff.http import Head, RequestParser
 
 READ_TIMEOUT = 5.0
 MAX_HEAD = 8192
+_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
 class Admin:
@@ -36,24 +39,25 @@ class Admin:
         task = asyncio.current_task()
         if task is not None:
             self.tasks.add(task)
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        requests = RequestParser(MAX_HEAD)  # the proxy's own parser: one HTTP/1 parser in the process
         try:
             async with asyncio.timeout(READ_TIMEOUT):
-                while True:
-                    event = conn.next_event()
-                    if event is h11.NEED_DATA:
-                        conn.receive_data(await reader.read(4096))
-                        continue
-                    break
-            if isinstance(event, h11.Request):
-                if self.refresh is not None and event.target.startswith(b"/metrics"):
-                    await self.refresh()
-                status, ctype, body = self.answer(event.method, event.target.split(b"?")[0])
-                headers = [("Content-Type", ctype), ("Content-Length", str(len(body))), ("Connection", "close")]
-                writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
-                writer.write(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
-                await writer.drain()
-        except (TimeoutError, h11.ProtocolError, ConnectionError):
+                while not requests.events:
+                    data = await reader.read(4096)
+                    if not data:
+                        return
+                    requests.feed(data)
+            head = requests.events.popleft()
+            assert isinstance(head, Head)
+            if self.refresh is not None and head.target.startswith(b"/metrics"):
+                await self.refresh()
+            status, ctype, body = self.answer(head.method, head.target.split(b"?")[0])
+            writer.write(
+                f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+            )
+            await writer.drain()
+        except (TimeoutError, BadRequest, ConnectionError):
             pass  # a scraper that hangs up or sends garbage gets nothing; the proxy carries on
         finally:
             writer.close()
