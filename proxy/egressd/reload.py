@@ -10,6 +10,8 @@ file:line and counts ``egressd_policy_reloads_total{result="error"}``.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import os
 from pathlib import Path
 
@@ -18,19 +20,37 @@ import structlog
 from egressd.connection import PolicyHolder
 from egressd.metrics import Metrics
 from egressd.policy.loader import LoadError, PolicyError, load_policy
+from egressd.policy.match import forget_public_suffixes
 from egressd.policy.model import Policy
 
 log = structlog.get_logger("egressd.reload")
 
 
 def load_for(directory: Path, service: str | None) -> Policy:
-    """Load the directory; when this process serves one fixed service, it must have an allowlist there."""
-    policy = load_policy(directory)
+    """Load the directory; when this process serves one fixed service, it must have an allowlist there.
+
+    What only loading needs (the Public Suffix List, the YAML parser's garbage)
+    is given back afterwards: a proxy in every pod should not carry it.
+    """
+    try:
+        policy = load_policy(directory)
+    finally:
+        forget_public_suffixes()
+        _trim_heap()
     if service is not None and service not in policy.services:
         known = ", ".join(sorted(policy.services)) or "none"
         message = f"no allowlist for service {service!r} (services found: {known}); add {directory}/{service}.yaml"
         raise PolicyError([LoadError(str(directory), None, message)])
     return policy
+
+
+def _trim_heap() -> None:
+    """Return free heap pages to the OS (glibc's malloc_trim; elsewhere nothing happens)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def fingerprint(directory: Path) -> tuple:

@@ -51,6 +51,11 @@ def _public_suffixes() -> PublicSuffixList:
     return PublicSuffixList()
 
 
+def forget_public_suffixes() -> None:
+    """Drop the list (~1.3 MiB) until the next load needs it again."""
+    _public_suffixes.cache_clear()
+
+
 def parse_pattern(text: str, deny: bool = False) -> str:
     """Return the canonical form of a host pattern, or raise ValueError saying what is wrong and how to fix it.
 
