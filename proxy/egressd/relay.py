@@ -48,7 +48,7 @@ class Side(asyncio.BufferedProtocol):
     """One TCP connection of a proxied pair (the client's or the upstream's)."""
 
     __slots__ = (
-        "transport", "buffer", "eof", "lost", "peer", "forwarded", "done", "on_lost",
+        "transport", "buffer", "eof", "lost", "peer", "forwarded", "loop", "on_lost",
         "_waiter", "_drain", "_paused", "_linger",
     )
 
@@ -59,7 +59,7 @@ class Side(asyncio.BufferedProtocol):
         self.lost = False
         self.peer: Side | None = None
         self.forwarded = 0
-        self.done: asyncio.Future[None] = loop.create_future()
+        self.loop = loop
         self.on_lost: Callable[[], None] | None = None  # called once, at the end of connection_lost
         self._waiter: asyncio.Future[None] | None = None
         self._drain: asyncio.Future[None] | None = None
@@ -120,8 +120,6 @@ class Side(asyncio.BufferedProtocol):
         self._wake()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
-        if not self.done.done():
-            self.done.set_result(None)
         if self.on_lost is not None:
             self.on_lost()
 
@@ -129,7 +127,7 @@ class Side(asyncio.BufferedProtocol):
         if self.peer is not None:
             self.peer.transport.pause_reading()  # type: ignore[union-attr]
         elif self._drain is None:
-            self._drain = self.done.get_loop().create_future()
+            self._drain = self.loop.create_future()
 
     def resume_writing(self) -> None:
         if self.peer is not None:
@@ -154,7 +152,7 @@ class Side(asyncio.BufferedProtocol):
         """
         if self.eof:
             return
-        loop = self.done.get_loop()
+        loop = self.loop
         waiter = self._waiter = loop.create_future()
         timer = None if deadline is None else loop.call_at(deadline, _expire, waiter)
         try:
@@ -198,7 +196,7 @@ class Side(asyncio.BufferedProtocol):
             return
         self.transport.write_eof()
         self.buffer.clear()
-        self._linger = self.done.get_loop().call_later(seconds, self.close)
+        self._linger = self.loop.call_later(seconds, self.close)
 
     @property
     def lingering(self) -> bool:
