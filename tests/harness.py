@@ -158,10 +158,15 @@ def connect_tunnel(address: tuple[str, int], authority: str, timeout: float = 5.
     """Open a CONNECT tunnel; return the socket and the proxy's response head."""
     sock = socket.create_connection(address, timeout=timeout)
     sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
+    return sock, recv_head(sock, size=1)
+
+
+def recv_head(sock: socket.socket, size: int = 65536) -> bytes:
+    """Read until a message head is complete (or the peer closes); ``size=1`` reads nothing past it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(size)
         if not chunk:
             break
-        head += chunk
-    return sock, head
+        data += chunk
+    return data

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from conftest import service_yaml
-from harness import raw_request, recv_all
+from harness import raw_request, recv_all, recv_head
 
 
 def web_rule(lab, host: str = "web.test") -> str:
@@ -54,10 +54,7 @@ def test_keep_alive_checks_every_request(lab, start_proxy):
 
 def read_response(sock: socket.socket) -> httpx.Response:
     """Read one Content-Length framed response from a raw socket."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, body = data.partition(b"\r\n\r\n")
+    head, _, body = recv_head(sock).partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     headers = dict(line.split(": ", 1) for line in lines[1:])
     length = int({k.lower(): v for k, v in headers.items()}["content-length"])
@@ -150,13 +147,7 @@ class ScriptedOrigin:
                 return
             with conn:
                 conn.settimeout(5)
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    piece = conn.recv(65536)
-                    if not piece:
-                        break
-                    data += piece
-                self.heads.append(data.partition(b"\r\n\r\n")[0])
+                self.heads.append(recv_head(conn).partition(b"\r\n\r\n")[0])
                 conn.sendall(self.reply)
                 if not self.close:
                     with contextlib.suppress(OSError):
@@ -265,10 +256,7 @@ def test_head_and_no_body_responses_end_at_their_head(lab, start_proxy):
     with socket.create_connection(proxy.address, timeout=5) as sock:
         for method, path in (("HEAD", "/bytes/1000"), ("GET", "/status/204"), ("GET", "/bytes/10")):
             sock.sendall(f"{method} http://{authority}{path} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += sock.recv(65536)
-            status, headers, body = split_response(data)
+            status, headers, body = split_response(recv_head(sock))
             if path == "/bytes/10":
                 while len(body) < 10:
                     body += sock.recv(65536)
@@ -299,9 +287,7 @@ def test_chunked_request_body_pipelining_and_expect_continue(lab, start_proxy):
             f"POST http://{authority}/echo HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 5\r\n"
             "Expect: 100-continue\r\n\r\n".encode()
         )
-        interim = b""
-        while b"\r\n\r\n" not in interim:
-            interim += sock.recv(1)
+        interim = recv_head(sock, size=1)
         sock.sendall(b"hello")
         third = read_response(sock)
     assert first.content == b"abcdefg" and len(second.content) == 5
