@@ -150,3 +150,5 @@ def test_cut_short_or_malformed_responses():
     assert not parser.feed_eof()
     with pytest.raises(ValueError, match="HTTP"):
         ResponseParser(65536).feed(b"SSH-2.0-OpenSSH\r\n")
+    with pytest.raises(ValueError, match="switched protocols"):
+        ResponseParser(65536).feed(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n")

@@ -80,7 +80,8 @@ async def serve_client(engine: Engine, client: Side, who: Client) -> None:
             target = parse_target(head)
             if target.connect:
                 client.buffer[:0] = requests.rest  # the tunnel's first bytes, sent right behind the head
-                spliced = await tunnel(engine, rec, client, target)
+                await tunnel(engine, rec, client, target)
+                spliced = True
                 return
             if forwarder is None:
                 forwarder = Forwarder(engine, client, requests)
@@ -140,8 +141,8 @@ async def read_head(engine: Engine, client: Side, requests: RequestParser, first
     return event
 
 
-async def tunnel(engine: Engine, rec: Record, client: Side, target: Target) -> bool:
-    """CONNECT: decide, dial, answer 200, bind the SNI to the name, then hand the pair to the relay (True)."""
+async def tunnel(engine: Engine, rec: Record, client: Side, target: Target) -> None:
+    """CONNECT: decide, dial, answer 200, bind the SNI to the name, then hand the pair to the relay."""
     rec.protocol = "connect"
     dest = target.dest
     decision = engine.authorize(rec, dest)
@@ -157,7 +158,6 @@ async def tunnel(engine: Engine, rec: Record, client: Side, target: Target) -> b
     if client.lost:
         rec.note("the client closed the tunnel before sending anything")
     engine.splice(rec, client, upstream)
-    return True
 
 
 async def read_sni(engine: Engine, rec: Record, client: Side, dest: Destination) -> None:

@@ -243,6 +243,8 @@ class ResponseParser(_Parser):
             if isinstance(cause, _HeadOnly):
                 return
             raise ValueError(str(cause or exc)) from None
+        except httptools.HttpParserUpgrade:
+            raise ValueError("the origin switched protocols (101); egressd forwards HTTP/1.x only") from None
         except httptools.HttpParserError as exc:
             raise ValueError(str(exc)) from None
         except BadRequest as exc:
