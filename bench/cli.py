@@ -108,7 +108,8 @@ def machine() -> dict[str, Any]:
     }
     return {
         "nproc": os.cpu_count(), "cpu_model": model, "memory_mib": mem_mib, "kernel": platform.release(),
-        "python": sys.version.split()[0], "versions": versions, "egressd_git": runner.git_revision(),
+        "python": sys.version.split()[0], "python_executable": sys.executable,  # its build matters: bench/README
+        "versions": versions, "egressd_git": runner.git_revision(),
     }
 
 
