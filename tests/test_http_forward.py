@@ -125,14 +125,11 @@ def test_slow_header_times_out_with_408(lab, start_proxy):
 
 
 class ScriptedOrigin:
-    """A raw TCP origin on loopback: for each connection, reads one request head and sends ``reply`` bytes.
+    """A raw TCP origin on loopback: for each connection, reads one request head, sends ``reply`` bytes and
+    closes (which ends a close-delimited body, or cuts a body short)."""
 
-    ``close`` ends the connection after the reply (for close-delimited or cut-short bodies).
-    """
-
-    def __init__(self, reply: bytes, close: bool = True) -> None:
+    def __init__(self, reply: bytes) -> None:
         self.reply = reply
-        self.close = close
         self.heads: list[bytes] = []
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
@@ -149,10 +146,6 @@ class ScriptedOrigin:
                 conn.settimeout(5)
                 self.heads.append(recv_head(conn).partition(b"\r\n\r\n")[0])
                 conn.sendall(self.reply)
-                if not self.close:
-                    with contextlib.suppress(OSError):
-                        while conn.recv(65536):
-                            pass
 
     def stop(self) -> None:
         self.sock.close()
@@ -162,8 +155,8 @@ class ScriptedOrigin:
 def scripted():
     origins: list[ScriptedOrigin] = []
 
-    def make(reply: bytes, close: bool = True) -> ScriptedOrigin:
-        origins.append(ScriptedOrigin(reply, close))
+    def make(reply: bytes) -> ScriptedOrigin:
+        origins.append(ScriptedOrigin(reply))
         return origins[-1]
 
     yield make
