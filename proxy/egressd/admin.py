@@ -13,11 +13,11 @@ from collections.abc import Awaitable, Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from egressd.errors import BadRequest
+from egressd.listeners.httpio import whole_response
 from egressd.sniff.http import Head, RequestParser
 
 READ_TIMEOUT = 5.0
 MAX_HEAD = 8192
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
 class Admin:
@@ -52,10 +52,7 @@ class Admin:
             if self.refresh is not None and head.target.startswith(b"/metrics"):
                 await self.refresh()
             status, ctype, body = self.answer(head.method, head.target.split(b"?")[0])
-            writer.write(
-                f"HTTP/1.1 {status} {_REASONS.get(status, '')}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
-            )
+            writer.write(whole_response(status, [(b"Content-Type", ctype.encode())], body))
             await writer.drain()
         except (TimeoutError, BadRequest, ConnectionError):
             pass  # a scraper that hangs up or sends garbage gets nothing; the proxy carries on

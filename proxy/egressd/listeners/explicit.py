@@ -31,7 +31,7 @@ from egressd.connection import Client, Engine
 from egressd.errors import BadRequest, Denied, ProxyError
 from egressd.hostport import BadDestination, Destination, normalize_host
 from egressd.listeners.forward import Forwarder
-from egressd.listeners.httpio import CLOSED, next_event
+from egressd.listeners.httpio import CLOSED, next_event, whole_response
 from egressd.policy.model import Reason
 from egressd.relay import Side
 from egressd.sniff.http import Head, RequestParser, Target, parse_target
@@ -40,20 +40,12 @@ from egressd.sniff.tls import HelloStatus, parse_client_hello
 LISTENER = "explicit"
 log = structlog.get_logger("egressd.explicit")
 
-STATUS_TEXT = {
-    400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 431: "Request Header Fields Too Large",
-    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
-}
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
 def error_response(status: int, reason: Reason, body: bytes) -> bytes:
-    head = (
-        f"HTTP/1.1 {status} {STATUS_TEXT.get(status, 'Error')}\r\n"
-        f"X-Egressd-Reason: {reason.value}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-    )
-    return head.encode("ascii") + body
+    headers = [(b"X-Egressd-Reason", reason.value.encode()), (b"Content-Type", b"text/plain; charset=utf-8")]
+    return whole_response(status, headers, body)
 
 
 async def serve_client(engine: Engine, client: Side, who: Client) -> None:

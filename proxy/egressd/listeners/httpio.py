@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from http import HTTPStatus
 
 from egressd.errors import ProxyError
 from egressd.relay import Side
@@ -14,6 +15,13 @@ CLOSED = object()  # next_event's answer when the peer has ended and nothing is 
 def serialize(start_line: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
     """A message head: the start line (with its CRLF), the header lines, the empty line."""
     return start_line + b"".join(name + b": " + value + b"\r\n" for name, value in headers) + b"\r\n"
+
+
+def whole_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """A complete response that ends its connection: status line with the standard phrase, ``headers``,
+    then Content-Length, ``Connection: close`` and the body."""
+    line = b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())
+    return serialize(line, [*headers, (b"Content-Length", b"%d" % len(body)), (b"Connection", b"close")]) + body
 
 
 def chunk(piece: bytes) -> bytes:
