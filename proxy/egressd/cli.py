@@ -36,6 +36,7 @@ _FLOATS = {
 _INTS = {
     "max-header-bytes": "largest request head accepted, bytes",
     "max-connections": "most client connections open at once; more get 503",
+    "max-connections-per-client": "most connections open at once from one client IP; more get 503",
 }
 # The defaults live in Config alone.
 _DEFAULTS = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(Config)}

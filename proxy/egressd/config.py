@@ -34,6 +34,7 @@ class Config:
     drain_timeout: float = 10.0
     max_header_bytes: int = 16384
     max_connections: int = 4096
+    max_connections_per_client: int = 256
     dns_min_ttl: float = 5.0
     dns_max_ttl: float = 300.0
     reload_interval: float = 2.0
@@ -51,8 +52,8 @@ class Config:
             raise ConfigError("--max-header-bytes must be at least 1024")
         if self.workers < 1:
             raise ConfigError("--workers must be at least 1")
-        if self.max_connections < 1:
-            raise ConfigError("--max-connections must be at least 1")
+        if self.max_connections < 1 or self.max_connections_per_client < 1:
+            raise ConfigError("--max-connections and --max-connections-per-client must be at least 1")
         if not 0 <= self.dns_min_ttl <= self.dns_max_ttl:
             raise ConfigError("--dns-min-ttl must be between 0 and --dns-max-ttl")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from egressd.policy.model import Decision, IPNetwork, Policy, Reason
 from egressd.relay import IdleSweeper, Side, splice
 from egressd.resolve import Resolver
 
+SO_PEERNAME = getattr(socket, "SO_PEERNAME", 28)  # Linux
+
 Identify = Callable[[tuple], "str | None"]
 Dial = Callable[[IPAddress, int], Awaitable[Side]]
 
@@ -42,10 +45,36 @@ _REASON_TEXT = {
 
 @dataclass(frozen=True, slots=True)
 class Client:
-    """Who is connecting: the address as the record writes it, and the service identity."""
+    """Who is connecting: the address as the record writes it, its IP (limits count per IP), and the service."""
 
     address: str
+    ip: str
     service: str | None
+
+
+def peer_address(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+    """The client's (ip, port), as the kernel knows it from the accept.
+
+    ``getpeername`` fails once the client has reset the connection, which a
+    client can do right behind a complete request; ``SO_PEERNAME`` reads the
+    same address without that check (Linux keeps it on the socket until it is
+    closed). None only when neither answers.
+    """
+    peer = transport.get_extra_info("peername")
+    if peer:
+        return peer[0], peer[1]
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    v6 = sock.family == socket.AF_INET6
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERNAME, 28 if v6 else 16)
+    except OSError:
+        return None
+    port = int.from_bytes(raw[2:4], "big")
+    if v6:
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+    return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
 
 
 async def dial_tcp(ip: IPAddress, port: int) -> Side:
@@ -87,6 +116,8 @@ class Engine:
         self.sweeper = IdleSweeper(config.idle_timeout, time.monotonic)
         self.tasks: set[asyncio.Task] = set()
         self.clients: set[Side] = set()
+        self.per_client: dict[str, int] = {}  # open client connections by client IP
+        self.capacity = config.max_connections  # lowered to what the file-descriptor limit allows, see fdlimit
         self.tunnels: dict[Side, Record] = {}  # spliced tunnels by client side: no task holds them
         self._idle: asyncio.Future[None] | None = None
         self._ids = itertools.count(1)
@@ -94,10 +125,28 @@ class Engine:
         self._prefix = f"{os.getpid():x}-{int(time.time()) & 0xFFFFFF:06x}-"
 
     # -- records --------------------------------------------------------------
-    def who(self, client: Side) -> Client:
-        """The identify step: the client's address and the service it is (None: no identity, deny)."""
-        peer = client.transport.get_extra_info("peername") or ("?", 0)  # type: ignore[union-attr]
-        return Client(join_host_port(peer[0], peer[1]), self.identify(peer))
+    def who(self, client: Side) -> Client | None:
+        """The identify step: the client's address, taken once at accept, and the service it is (service None:
+        no identity, deny). None when the kernel cannot say who connected: such a connection is not served."""
+        peer = peer_address(client.transport)  # type: ignore[arg-type]
+        if peer is None:
+            return None
+        ip = peer[0].split("%", 1)[0]
+        return Client(join_host_port(ip, peer[1]), ip, self.identify(peer))
+
+    def admit(self, who: Client) -> ProxyError | None:
+        """Whether a newly accepted client may be served: None, or why not (an error answered with 503)."""
+        cfg = self.config
+        if len(self.clients) >= self.capacity:
+            limit = "--max-connections" if self.capacity == cfg.max_connections else "file-descriptor"
+            return ProxyError(Reason.OVERLOADED, f"{len(self.clients)} connections are open, the {limit} limit", 503)
+        if self.per_client.get(who.ip, 0) >= cfg.max_connections_per_client:
+            return ProxyError(
+                Reason.OVERLOADED,
+                f"{self.per_client[who.ip]} connections are open from {who.ip}, the --max-connections-per-client limit",
+                503,
+            )
+        return None
 
     def open(self, who: Client, listener: str, follows: Record | None = None) -> Record:
         """A new record for a client connection; ``follows`` for the next request on the same connection."""
@@ -195,6 +244,7 @@ class Engine:
         """Run handler(engine, client, who) on a tracked task; the client counts as active until
         :meth:`release` (its connection_lost)."""
         self.clients.add(client)
+        self.per_client[who.ip] = self.per_client.get(who.ip, 0) + 1
         self.metrics.active[who.service or "-"] += 1
         task = asyncio.get_running_loop().create_task(handler(self, client, who))
         self.tasks.add(task)
@@ -208,6 +258,9 @@ class Engine:
         """The client connection is gone: it no longer counts as active."""
         if client in self.clients:
             self.clients.discard(client)
+            left = self.per_client.pop(who.ip) - 1
+            if left:
+                self.per_client[who.ip] = left
             self.metrics.active[who.service or "-"] -= 1
             self._check_idle()
 

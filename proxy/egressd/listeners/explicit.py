@@ -197,15 +197,18 @@ class _Client(Side):
         super().connection_made(transport)
         engine = self.engine
         who = self.who = engine.who(self)
-        if len(engine.clients) >= engine.config.max_connections:
+        if who is None:  # reset before anyone could see who it was: nothing to serve, nobody to answer
+            log.warning("connection.no_peer_address", listener=LISTENER)
+            self.abort()
+            return
+        refused = engine.admit(who)
+        if refused is not None:
             rec = engine.open(who, LISTENER)
-            exc = ProxyError(
-                Reason.OVERLOADED, f"{len(engine.clients)} connections are open, the --max-connections limit", 503
-            )
-            engine.fail(rec, exc)
-            self.write(error_response(503, exc.reason, engine.denial_body(rec, exc)))
+            engine.fail(rec, refused)
+            self.write(error_response(refused.status, refused.reason, engine.denial_body(rec, refused)))
             self.linger()
             engine.close(rec)
+            self.who = None  # not counted as active: nothing to release
             return
         engine.serve(self, who, serve_client)
 

@@ -49,6 +49,7 @@ class Reason(enum.Enum):
     UPSTREAM_TIMEOUT = "upstream_timeout"
     NO_IDENTITY = "no_identity"
     OVERLOADED = "overloaded"
+    AUDIT_UNAVAILABLE = "audit_unavailable"
 
 
 # Reasons that `mode: audit` turns into an allow with would_deny=true. Everything
