@@ -1,8 +1,9 @@
 """The admin listener: ``/metrics`` (Prometheus text format), ``/healthz`` and ``/readyz``.
 
 ``/healthz`` answers 200 while the process runs; ``/readyz`` answers 200 only
-once a policy is loaded (and 503 while shutting down), so Kubernetes sends no
-traffic to a proxy that would deny everything.
+once a policy is loaded, and 503 while shutting down or while audit records
+cannot be written, so Kubernetes sends no traffic to a proxy that would deny
+or refuse everything. The body of a 503 says why.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ MAX_HEAD = 8192
 
 
 class Admin:
+    """``ready()`` returns True when ready, else False or a text saying why not."""
+
     def __init__(
         self,
         registry: CollectorRegistry,
-        ready: Callable[[], bool],
+        ready: Callable[[], bool | str],
         refresh: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.registry = registry
@@ -49,7 +52,7 @@ class Admin:
                     requests.feed(data)
             head = requests.events.popleft()
             assert isinstance(head, Head)
-            if self.refresh is not None and head.target.startswith(b"/metrics"):
+            if self.refresh is not None and head.target.startswith((b"/metrics", b"/readyz")):
                 await self.refresh()
             status, ctype, body = self.answer(head.method, head.target.split(b"?")[0])
             writer.write(whole_response(status, [(b"Content-Type", ctype.encode())], body))
@@ -69,7 +72,10 @@ class Admin:
         if path == b"/healthz":
             return 200, "text/plain", b"ok\n"
         if path == b"/readyz":
-            return (200, "text/plain", b"ready\n") if self.ready() else (503, "text/plain", b"no policy loaded\n")
+            state = self.ready()
+            if state is True:
+                return 200, "text/plain", b"ready\n"
+            return 503, "text/plain", (f"not ready: {state}\n" if isinstance(state, str) else "not ready\n").encode()
         return 404, "text/plain", b"not found: try /metrics, /healthz or /readyz\n"
 
     def close(self) -> None:

@@ -9,22 +9,27 @@ Records do not go through structlog's processor chain (operational logs do):
 a record is data with a fixed shape, and the chain's per-call context copy and
 keyword merge cost twice the record's own rendering on the hot path.
 
-Lines are buffered for FLUSH_DELAY (20 ms) and written with
-one ``write`` per batch (whole lines only, so streams from several workers never
-interleave partial lines); :meth:`AuditLog.flush` is called on shutdown.
+Lines are written by :class:`egressd.auditwriter.AuditWriter` on a thread of
+its own, in whole lines, never skipping a byte; while they cannot be written
+(:attr:`AuditLog.unavailable`) the proxy refuses new connections. Those
+refusals are records too; past ``max_pending`` lines waiting, a refusal is only
+counted, and one ``egress.audit_gap`` record (GAP_FIELDS) says how many there
+were once lines can be written again. :meth:`AuditLog.close` writes what is
+left within a deadline on shutdown.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as _dt
-import os
-import select
 import sys
-from collections.abc import Callable, Iterator
-from typing import IO, Any
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import orjson
+
+from egressd.auditwriter import AuditWriter, write_to
+from egressd.policy.model import Reason
 
 EVENT = "event"
 TS = "ts"
@@ -54,9 +59,16 @@ STATUS = "status"
 
 CONNECTION_EVENT = "egress.connection"
 
-# Records are gathered for this long and written together: one write per batch
-# instead of one per record under load. Shutdown flushes at once.
-FLUSH_DELAY = 0.02
+# The record of connections refused while records could not be written, past max_pending lines waiting:
+# event, ts (the first such refusal), last_ts, refused (how many), detail.
+GAP_EVENT = "egress.audit_gap"
+LAST_TS = "last_ts"
+REFUSED = "refused"
+GAP_FIELDS = (EVENT, TS, LAST_TS, REFUSED, DETAIL)
+
+MAX_PENDING = 65_536  # lines waiting past which a refusal is counted instead of kept (about 40 MB of records)
+CLOSE_TIMEOUT = 3.0  # seconds shutdown waits for the audit lines still to be written
+_REFUSAL = Reason.AUDIT_UNAVAILABLE.value
 
 
 _second: list = [None, ""]  # the last whole second formatted, and its text: one strftime per second
@@ -140,76 +152,24 @@ class Record:
         }
 
 
-class _BatchWriter:
-    """Queues rendered lines and writes them in batches of whole lines.
-
-    Every ``write`` carries whole lines and at most PIPE_BUF bytes when it can
-    (a longer single line goes alone), so that several worker processes sharing
-    one pipe or one O_APPEND file never interleave partial lines.
-    """
-
-    def __init__(self, stream: IO[str]) -> None:
-        self._stream = stream
-        self._pending: list[bytes] = []
-        self._scheduled = False
-
-    def msg(self, line: bytes) -> None:
-        self._pending.append(line)
-        if self._scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self.flush()
-            return
-        self._scheduled = True
-        loop.call_later(FLUSH_DELAY, self.flush)
-
-    def flush(self) -> None:
-        self._scheduled = False
-        if not self._pending:
-            return
-        lines, self._pending = self._pending, []
-        try:
-            fd = self._stream.fileno()
-        except (OSError, ValueError, AttributeError):
-            fd = None
-        try:
-            if fd is None:
-                self._stream.write("".join(line.decode() + "\n" for line in lines))
-                self._stream.flush()
-                return
-            self._stream.flush()
-            for chunk in _chunks(lines):
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-        except OSError as exc:  # a closed or broken audit stream must not kill the proxy
-            print(f"egressd: cannot write audit records: {exc}", file=sys.stderr)
-
-
-def _chunks(lines: list[bytes]) -> Iterator[bytes]:
-    """Whole lines grouped into pieces of at most PIPE_BUF bytes (a longer line is a piece of its own)."""
-    piece: list[bytes] = []
-    size = 0
-    for line in lines:
-        data = line + b"\n"
-        if piece and size + len(data) > select.PIPE_BUF:
-            yield b"".join(piece)
-            piece, size = [], 0
-        piece.append(data)
-        size += len(data)
-    if piece:
-        yield b"".join(piece)
-
-
 class AuditLog:
     """The single emit-once writer of audit records (stdout by default, or a file opened for append)."""
 
-    def __init__(self, path: str | None = None, sink: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self._own = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115 - closed in close()
-        self._writer = _BatchWriter(self._own or sys.stdout)
+    def __init__(
+        self,
+        path: str | None = None,
+        sink: Callable[[dict[str, Any]], None] | None = None,
+        *,
+        writer: AuditWriter | None = None,
+        max_pending: int = MAX_PENDING,
+    ) -> None:
+        self._own = open(path, "a", encoding="utf-8") if path and writer is None else None  # noqa: SIM115
+        self._writer = writer or AuditWriter(write_to(self._own or sys.stdout), path or "stdout")
+        self._writer.on_available = self._write_gap
         self._sink = sink
+        self._max_pending = max_pending
+        self._gap_lock = threading.Lock()  # the loop counts refusals, the writer thread takes the count
+        self._gap: list[float] = []  # [refused, first ts, last ts] while refusals go unrecorded
 
     def emit(self, record: Record) -> bool:
         """Write the record unless it was written already; return whether this call wrote it."""
@@ -220,13 +180,52 @@ class AuditLog:
         fields[EVENT] = CONNECTION_EVENT
         if self._sink is not None:
             self._sink(dict(fields))
+        if record.reason == _REFUSAL and self._writer.queued >= self._max_pending:
+            self._count_refusal(record.started)
+            return True
         self._writer.msg(orjson.dumps(fields))
         return True
 
+    def _count_refusal(self, ts: float) -> None:
+        with self._gap_lock:
+            if self._gap:
+                self._gap[0] += 1
+                self._gap[2] = ts
+            else:
+                self._gap = [1, ts, ts]
+
+    def _write_gap(self) -> None:
+        """On the writer thread, when lines can be written again: one record of the refusals only counted."""
+        with self._gap_lock:
+            gap, self._gap = self._gap, []
+        if gap:
+            self._writer.msg(orjson.dumps({
+                EVENT: GAP_EVENT, TS: rfc3339(gap[1]), LAST_TS: rfc3339(gap[2]), REFUSED: int(gap[0]),
+                DETAIL: f"{int(gap[0])} connections refused while the audit log could not be written; "
+                f"more than {self._max_pending} records were waiting, so these were only counted",
+            }))
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why records cannot be written now (new connections are refused meanwhile), or None when they can."""
+        return self._writer.unavailable
+
+    @property
+    def unrecorded(self) -> int:
+        """Refused connections only counted, whose summary record is not written yet."""
+        return int(self._gap[0]) if self._gap else 0
+
+    def state(self) -> tuple[int, int, int]:
+        """(failed writes, records waiting, 1 when records can be written else 0), for the metrics."""
+        return self._writer.write_errors, self._writer.pending, int(self._writer.unavailable is None)
+
     def flush(self) -> None:
+        """Hand every emitted record to the writer now (does not wait)."""
         self._writer.flush()
 
-    def close(self) -> None:
-        self.flush()
-        if self._own is not None:
-            self._own.close()
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> int:
+        """Write every record within timeout seconds; return how many could not be written (0 normally)."""
+        unwritten = self._writer.close(timeout)
+        if self._own is not None and not unwritten:
+            self._own.close()  # left open while the writer thread may still be in a write to it
+        return unwritten

@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -32,6 +32,11 @@ CONNECT_SECONDS = ("upstream_connect_seconds", "Time to open the upstream TCP co
 RELOADS = ("policy_reloads_total", "Policy loads by result.", ("result",))
 LOADED_AT = ("policy_loaded_timestamp_seconds", "Unix time the policy in force was loaded.", ())
 DNS_CACHE = ("dns_cache_lookups_total", "Resolver cache lookups by result.", ("result",))
+AUDIT_ERRORS = ("audit_write_errors_total", "Failed writes of audit records (every retry counts).", ())
+AUDIT_PENDING = ("audit_pending_records", "Audit records emitted and not written yet.", ())
+AUDIT_AVAILABLE = (
+    "audit_available", "1 while audit records can be written; 0 while they cannot and new connections are refused.", ()
+)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -71,6 +76,13 @@ class Metrics:
         self.reloads: defaultdict[str, int] = defaultdict(int, success=0, error=0)
         self.dns_cache: defaultdict[str, int] = defaultdict(int)
         self.loaded_at = 0.0
+        # (failed writes, records waiting, available 0/1): read from the audit log at scrape time when
+        # audit_source is set (see egressd.app), else the sum over the workers (available: all of them)
+        self.audit_source: Callable[[], tuple[int, int, int]] | None = None
+        self.audit_summed = (0, 0, 1)
+
+    def audit(self) -> tuple[int, int, int]:
+        return self.audit_source() if self.audit_source is not None else self.audit_summed
 
     def connection_done(self, service: str, listener: str, decision: str, reason: str, up: int, down: int) -> None:
         self.connections[(service, listener, decision, reason)] += 1
@@ -84,10 +96,11 @@ class Metrics:
     _SUMMED = ("connections", "denials", "active", "bytes", "dns_cache")
 
     def snapshot(self) -> dict:
-        """Plain data of every counter, for a worker to send to its supervisor."""
+        """Plain data of every counter (and of the audit log's state), for a worker to send to its supervisor."""
         data: dict = {name: dict(getattr(self, name)) for name in self._SUMMED}
         data["reloads"] = dict(self.reloads)
         data["loaded_at"] = self.loaded_at
+        data["audit"] = self.audit()
         for name in ("dns_seconds", "connect_seconds"):
             hist = getattr(self, name)
             data[name] = (list(hist.counts), hist.total)
@@ -107,6 +120,9 @@ class Metrics:
             for key, value in snap["reloads"].items():
                 self.reloads[key] = max(self.reloads[key], value)
         self.loaded_at = max((snap["loaded_at"] for snap in snapshots), default=0.0)
+        audits = [snap["audit"] for snap in snapshots]
+        errors, pending = sum(a[0] for a in audits), sum(a[1] for a in audits)
+        self.audit_summed = (errors, pending, min((a[2] for a in audits), default=1))
         for name in ("dns_seconds", "connect_seconds"):
             hist = Histogram()
             for snap in snapshots:
@@ -141,6 +157,10 @@ class Collector:
         yield _counter(RELOADS, {(k,): v for k, v in m.reloads.items()})
         yield _counter(DNS_CACHE, {(k,): v for k, v in m.dns_cache.items()})
         yield GaugeMetricFamily(PREFIX + LOADED_AT[0], LOADED_AT[1], value=m.loaded_at)
+        errors, pending, available = m.audit()
+        yield CounterMetricFamily(PREFIX + AUDIT_ERRORS[0].removesuffix("_total"), AUDIT_ERRORS[1], value=errors)
+        yield GaugeMetricFamily(PREFIX + AUDIT_PENDING[0], AUDIT_PENDING[1], value=pending)
+        yield GaugeMetricFamily(PREFIX + AUDIT_AVAILABLE[0], AUDIT_AVAILABLE[1], value=available)
 
 
 def _counter(spec: tuple[str, str, tuple[str, ...]], values: dict) -> CounterMetricFamily:
