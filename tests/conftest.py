@@ -98,7 +98,9 @@ def start_proxy(lab: Lab, tmp_path: Path) -> Iterator[ProxyFactory]:
     """Start egressd with the given allowlist files ({name: yaml}); stopped after the test."""
     started: list[ProxyProcess] = []
 
-    def start(files: dict[str, str], service: str = "svc", *extra: str, env: dict | None = None) -> ProxyProcess:
+    def start(
+        files: dict[str, str], service: str = "svc", *extra: str, env: dict | None = None, wrap: list | None = None
+    ) -> ProxyProcess:
         directory = write_allowlists(tmp_path / f"allowlists{len(started)}", files)
         args = [
             "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--workers", "1",
@@ -108,7 +110,7 @@ def start_proxy(lab: Lab, tmp_path: Path) -> Iterator[ProxyFactory]:
             "--dns-timeout", "3", "--reload-interval", "0.1",
             *extra,
         ]
-        proc = ProxyProcess(args, tmp_path / f"audit{len(started)}.jsonl", env=env)
+        proc = ProxyProcess(args, tmp_path / f"audit{len(started)}.jsonl", env=env, wrap=wrap)
         started.append(proc)
         return proc
 

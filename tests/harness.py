@@ -47,13 +47,23 @@ def write_allowlists(directory: Path, files: dict[str, str]) -> Path:
 class ProxyProcess:
     """egressd run in a subprocess, with its audit log, stderr lines and admin endpoint."""
 
-    def __init__(self, args: list[str], audit_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        audit_path: Path | None,
+        env: dict[str, str] | None = None,
+        wrap: list[str] | None = None,
+        stdout: int = subprocess.DEVNULL,
+    ) -> None:
+        """``wrap`` is a command prefix (prlimit, a private mount namespace); without ``audit_path`` the records
+        go to ``stdout``."""
         self.audit_path = audit_path
         self.stderr_lines: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
-        cmd = [sys.executable, "-m", "egressd", "run", "--audit-log", str(audit_path), *args]
+        to_file = ["--audit-log", str(audit_path)] if audit_path is not None else []
+        cmd = [*(wrap or []), sys.executable, "-m", "egressd", "run", *to_file, *args]
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
+            cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
         )
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
@@ -88,7 +98,7 @@ class ProxyProcess:
                 return _json(line)
 
     def records(self) -> list[dict]:
-        if not self.audit_path.exists():
+        if self.audit_path is None or not self.audit_path.exists():
             return []
         return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
 

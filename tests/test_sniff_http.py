@@ -6,7 +6,8 @@ import h11
 import pytest
 
 from egressd.errors import BadRequest
-from egressd.sniff.http import END, Head, RequestParser, ResponseParser, parse_target
+from egressd.sniff.http import END, Head, RequestParser, ResponseParser
+from egressd.sniff.target import parse_target
 
 GET = b"GET http://web.test/a HTTP/1.1\r\nHost: web.test\r\nUser-Agent: t\r\n\r\n"
 POST = b"POST http://web.test/b HTTP/1.1\r\nHost: web.test\r\nContent-Length: 5\r\n\r\nhello"

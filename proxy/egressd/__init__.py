@@ -6,16 +6,20 @@ One connection, end to end::
 
 listener
     :mod:`egressd.listeners.explicit` accepts a client into a
-    :class:`egressd.relay.Side` and reads the request head with llhttp (CONNECT
-    host:port, or an absolute-form URL, whose requests
-    :mod:`egressd.listeners.forward` handles one by one). Later listeners
-    (transparent, DNS) sit beside it.
+    :class:`egressd.relay.Side`, takes its address from the accepted socket,
+    lets :meth:`egressd.connection.Engine.admit` refuse it (503: connection
+    caps, per client IP, the file-descriptor room of :mod:`egressd.fdlimit`,
+    an audit log that cannot be written) and reads the request head with
+    llhttp (CONNECT host:port, or an absolute-form URL, whose requests
+    :mod:`egressd.listeners.forward` handles one by one, a WebSocket upgrade
+    becoming a tunnel). Later listeners (transparent, DNS) sit beside it.
 identify
-    :meth:`egressd.connection.Engine.open` asks the identity step which service
+    :meth:`egressd.connection.Engine.who` asks the identity step which service
     the client is (fixed per process for now: ``--service``).
 sniff
     Pure parsers, bytes in, value out: :mod:`egressd.sniff.http` (HTTP/1.x
-    messages through llhttp, request target, Host binding), :mod:`egressd.sniff.tls` (ClientHello SNI);
+    messages through llhttp), :mod:`egressd.sniff.target` (request target, Host
+    binding), :mod:`egressd.sniff.tls` (ClientHello SNI);
     :mod:`egressd.hostport` normalises every name once (IDNA, case, trailing
     dot, canonical IP literals).
 decide
@@ -35,7 +39,9 @@ relay
 audit + metrics
     :meth:`egressd.connection.Engine.close` writes one record through
     :class:`egressd.audit.AuditLog` and counts :mod:`egressd.metrics`, exactly
-    once per connection, whatever path it took.
+    once per connection, whatever path it took; the lines are written by the
+    thread of :mod:`egressd.auditwriter`, so the event loop never waits on the
+    audit stream, and while they cannot be written nothing new is served.
 
 Around it: :mod:`egressd.app` (start, signals, drain), :mod:`egressd.reload`
 (SIGHUP and file changes, last good policy kept), :mod:`egressd.admin`

@@ -2,14 +2,15 @@
 
 Start-up refuses to serve without a valid policy (exit 2, every load error
 listed). Shutdown stops accepting, lets open tunnels drain for
-``drain_timeout`` seconds, aborts the rest, and flushes the audit records of
-every connection, the aborted ones included.
+``drain_timeout`` seconds, aborts the rest, and writes the audit records of
+every connection, the aborted ones included, within
+:data:`egressd.audit.CLOSE_TIMEOUT` seconds; records that could not be written
+by then are reported on stderr and make the exit code 1.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import sys
 from collections.abc import Coroutine
@@ -18,8 +19,9 @@ from typing import Any
 import structlog
 import uvloop
 
+from egressd import fdlimit
 from egressd.admin import Admin
-from egressd.audit import AuditLog
+from egressd.audit import CLOSE_TIMEOUT, AuditLog
 from egressd.config import Config, system_resolvers
 from egressd.connection import Dial, Engine, PolicyHolder
 from egressd.listeners import explicit
@@ -56,10 +58,18 @@ class Proxy:
         resolvers = config.resolvers or system_resolvers()
         self.resolver = Resolver(resolvers, config.dns_timeout, config.dns_min_ttl, config.dns_max_ttl, self.metrics)
         self.audit = audit or AuditLog(config.audit_log)
+        self.metrics.audit_source = self.audit.state
+        self.unwritten = 0  # audit records shutdown could not write
         service = config.service
         self.engine = Engine(config, self.holder, self.resolver, self.audit, self.metrics, lambda _peer: service, dial)
+        self.engine.capacity, nofile = fdlimit.plan(config.max_connections)
+        if self.engine.capacity < config.max_connections:
+            log.warning(
+                "egressd.fd_limit", serving=self.engine.capacity, max_connections=config.max_connections,
+                nofile=nofile, detail=fdlimit.advice(config.max_connections, self.engine.capacity, nofile),
+            )
         self.reloader = Reloader(config.allowlists, service, self.holder, self.metrics)
-        self.admin = Admin(registry_for(self.metrics), lambda: self.holder.current is not None and not self.stopping)
+        self.admin = Admin(registry_for(self.metrics), self.ready)
         self.servers: list[asyncio.Server] = []
         self.background: list[asyncio.Task] = []
         self.stopping = False
@@ -74,6 +84,15 @@ class Proxy:
             loop.create_task(self.engine.sweeper.run()),
             loop.create_task(self.reloader.watch(self.config.reload_interval)),
         ]
+
+    def ready(self) -> bool | str:
+        """True, or why /readyz answers 503."""
+        if self.stopping:
+            return "shutting down"
+        if self.holder.current is None:
+            return "no policy loaded"
+        why = self.audit.unavailable
+        return f"the audit log cannot be written: {why}" if why else True
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -95,6 +114,13 @@ class Proxy:
         self.resolver.close()
         await asyncio.gather(*self.background, return_exceptions=True)
         self.audit.flush()
+        why = self.audit.unavailable
+        self.unwritten = await asyncio.to_thread(self.audit.close, CLOSE_TIMEOUT)  # the loop never waits on it
+        if self.unwritten or self.audit.unrecorded:
+            log.error(
+                "audit.unwritten", records=self.unwritten, refusals_only_counted=self.audit.unrecorded,
+                reason=why or self.audit.unavailable or f"not written within {CLOSE_TIMEOUT:g}s",
+            )
         self.stopped.set()
 
 
@@ -126,10 +152,8 @@ async def serve(config: Config) -> int:
     await proxy.stopped.wait()
     for task in list(tasks):
         task.cancel()
-    with contextlib.suppress(OSError):
-        proxy.audit.close()
     log.info("egressd.stopped")
-    return 0
+    return 1 if proxy.unwritten or proxy.audit.unrecorded else 0
 
 
 def run(config: Config, argv: list[str] | None = None) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from egressd.audit import AuditLog, Record
 from egressd.config import Config
-from egressd.errors import Denied, ProxyError, UpstreamFailure, UpstreamTimeout
+from egressd.errors import ClientGone, Denied, ProxyError, UpstreamFailure, UpstreamTimeout
 from egressd.hostport import Destination, IPAddress, ip_text, join_host_port
 from egressd.metrics import Metrics
 from egressd.policy.decide import decide
@@ -134,8 +134,22 @@ class Engine:
         ip = peer[0].split("%", 1)[0]
         return Client(join_host_port(ip, peer[1]), ip, self.identify(peer))
 
+    def audit_refusal(self) -> ProxyError | None:
+        """While audit records cannot be written nothing new is served: not a connection, not a request."""
+        why = self.audit.unavailable
+        if why is None:
+            return None
+        return ProxyError(
+            Reason.AUDIT_UNAVAILABLE,
+            f"the audit log cannot be written ({why}); nothing new is served until it can",
+            503,
+        )
+
     def admit(self, who: Client) -> ProxyError | None:
         """Whether a newly accepted client may be served: None, or why not (an error answered with 503)."""
+        refused = self.audit_refusal()
+        if refused is not None:
+            return refused
         cfg = self.config
         if len(self.clients) >= self.capacity:
             limit = "--max-connections" if self.capacity == cfg.max_connections else "file-descriptor"
@@ -153,8 +167,11 @@ class Engine:
         if follows is not None:
             rec = Record(follows.conn_id, time.time(), follows.client, listener, follows.service)
             rec.request = (follows.request or 1) + 1
-            return rec
-        return Record(self._prefix + str(next(self._ids)), time.time(), who.address, listener, who.service)
+        else:
+            rec = Record(self._prefix + str(next(self._ids)), time.time(), who.address, listener, who.service)
+        policy = self.policy.current
+        rec.policy_version = policy.version if policy is not None else None  # authorize() sets the one it used
+        return rec
 
     def close(self, rec: Record) -> None:
         """Emit the record and count it, once; later calls do nothing."""
@@ -168,9 +185,16 @@ class Engine:
 
     @staticmethod
     def fail(rec: Record, exc: ProxyError) -> None:
+        """Put exc in the record. Before any byte went upstream it is a denial; after, the request was allowed
+        and stays so: the record says how it ended (the failure's reason, or ``allowed`` when the client left)."""
+        rec.note(str(exc))
+        if rec.decision == "allow" and rec.bytes_up:
+            if not isinstance(exc, ClientGone):
+                rec.reason = exc.reason.value
+                rec.status = rec.status or exc.status
+            return
         rec.decision = "deny"
         rec.reason = exc.reason.value
-        rec.note(str(exc))
         rec.status = rec.status or exc.status
 
     # -- the steps --------------------------------------------------------------
@@ -276,8 +300,12 @@ class Engine:
                 return
             sweeper.discard(client, upstream)
             del self.tunnels[client]
-            rec.bytes_up = client.forwarded
-            rec.bytes_down = upstream.forwarded
+            rec.bytes_up += client.forwarded
+            rec.bytes_down += upstream.forwarded
+            for side, who in ((upstream, "the origin"), (client, "the client")):
+                if side.error is not None:
+                    rec.note(f"{who} ended the connection with an error ({side.error}); the other side was reset")
+                    break
             self.close(rec)
             self._check_idle()
 

@@ -9,17 +9,28 @@ exceptions (dnspython, OSError, httptools) are mapped to these at one boundary e
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from egressd.policy.model import Reason
+
+if TYPE_CHECKING:
+    from egressd.hostport import Destination
 
 
 class ProxyError(Exception):
-    """A connection cannot go on: ``reason`` for the record, ``status`` for the client, ``str()`` for humans."""
+    """A connection cannot go on: ``reason`` for the record, ``status`` for the client, ``str()`` for humans.
+
+    ``dest`` is the destination the refused request named, when it named one, so that
+    the record keeps host and port even when the request itself was refused."""
 
     status = 403
 
-    def __init__(self, reason: Reason, message: str, status: int | None = None) -> None:
+    def __init__(
+        self, reason: Reason, message: str, status: int | None = None, dest: Destination | None = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
+        self.dest = dest
         if status is not None:
             self.status = status
 
@@ -27,8 +38,13 @@ class ProxyError(Exception):
 class BadRequest(ProxyError):
     """The client's bytes are not a request we can act on (400, or 408/431 where HTTP has a better code)."""
 
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(Reason.BAD_REQUEST, message, status)
+    def __init__(self, message: str, status: int = 400, dest: Destination | None = None) -> None:
+        super().__init__(Reason.BAD_REQUEST, message, status, dest)
+
+
+class ClientGone(BadRequest):
+    """The client went away in the middle of its request. Once the request went upstream this is how an
+    allowed request ended, not a denial."""
 
 
 class Denied(ProxyError):

@@ -12,7 +12,9 @@ Back-pressure: when a transport's write buffer passes its high-water mark the
 event loop calls ``pause_writing`` on that side's protocol, which pauses
 reading on the peer until ``resume_writing``. Half-close is passed through
 (EOF from one side becomes ``write_eof`` on the other); when both directions
-have ended, or either connection is lost, both are closed. Idle tunnels are
+have ended, or either connection is lost, both are closed; a connection reset
+is passed on as a reset (the peer is aborted, so it sees RST, not a clean end
+of stream). Idle tunnels are
 found by :class:`IdleSweeper`, which compares byte counters between sweeps
 instead of re-arming a timer per chunk.
 """
@@ -20,6 +22,9 @@ instead of re-arming a timer per chunk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from collections.abc import Callable
 
 BUFFER_LIMIT = 1 << 20
@@ -27,6 +32,7 @@ WRITE_HIGH_WATER = 512 * 1024
 
 
 READ_SIZE = 256 * 1024
+_LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 class _ReadBuffer:
@@ -48,7 +54,7 @@ class Side(asyncio.BufferedProtocol):
     """One TCP connection of a proxied pair (the client's or the upstream's)."""
 
     __slots__ = (
-        "transport", "buffer", "eof", "lost", "peer", "forwarded", "loop", "on_lost",
+        "transport", "buffer", "eof", "lost", "error", "peer", "forwarded", "loop", "on_lost",
         "_waiter", "_drain", "_paused", "_linger",
     )
 
@@ -57,6 +63,7 @@ class Side(asyncio.BufferedProtocol):
         self.buffer = bytearray()
         self.eof = False
         self.lost = False
+        self.error: Exception | None = None  # why the connection was lost, when it did not end cleanly
         self.peer: Side | None = None
         self.forwarded = 0
         self.loop = loop
@@ -115,8 +122,12 @@ class Side(asyncio.BufferedProtocol):
             self._linger.cancel()
         self.lost = True
         self.eof = True
+        self.error = exc
         if self.peer is not None:
-            self.peer.close()
+            if exc is None:
+                self.peer.close()
+            else:
+                self.peer.reset()
         self._wake()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
@@ -205,6 +216,17 @@ class Side(asyncio.BufferedProtocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+    def reset(self) -> None:
+        """Abort with a TCP reset (SO_LINGER 0), so the peer sees an error, not a clean end of stream."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        transport.abort()
 
     def close_pair(self) -> None:
         self.close()

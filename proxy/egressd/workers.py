@@ -100,6 +100,9 @@ class Supervisor:
         host, port = self.config.listen
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
+        # SO_REUSEADDR too, as every listener of the group has: without it the bind fails while a
+        # TIME_WAIT connection of an earlier run still holds the port (a rollout that changes --workers).
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         self.reserved = sock
@@ -145,6 +148,14 @@ class Supervisor:
         snapshots = await asyncio.gather(*(w.snapshot() for w in self.workers if w is not None))
         self.metrics.load_sum([s for s in snapshots if s is not None])
 
+    def ready(self) -> bool | str:
+        """Ready unless stopping or a worker cannot write audit records (from the snapshots just summed)."""
+        if self.stopping:
+            return "shutting down"
+        if not self.metrics.audit_summed[2]:
+            return "a worker cannot write audit records and refuses new connections"
+        return True
+
     def forward(self, sig: int) -> None:
         for worker in self.workers:
             if worker is not None and worker.proc.returncode is None:
@@ -180,7 +191,7 @@ class Supervisor:
             print(f"egressd: {exc}", file=sys.stderr)
             await self.stop()
             return 1
-        admin = Admin(registry_for(self.metrics), lambda: not self.stopping, refresh=self.refresh)
+        admin = Admin(registry_for(self.metrics), self.ready, refresh=self.refresh)
         addresses = [listen]
         if self.config.admin_listen is not None:
             server = await admin.start(*self.config.admin_listen)

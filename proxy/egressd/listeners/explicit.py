@@ -30,11 +30,12 @@ from egressd.audit import Record
 from egressd.connection import Client, Engine
 from egressd.errors import BadRequest, Denied, ProxyError
 from egressd.hostport import BadDestination, Destination, normalize_host
-from egressd.listeners.forward import Forwarder
+from egressd.listeners.forward import DONE, SPLICED, Forwarder
 from egressd.listeners.httpio import CLOSED, next_event, whole_response
 from egressd.policy.model import Reason
 from egressd.relay import Side
-from egressd.sniff.http import Head, RequestParser, Target, parse_target
+from egressd.sniff.http import Head, RequestParser
+from egressd.sniff.target import Target, parse_target
 from egressd.sniff.tls import HelloStatus, parse_client_hello
 
 LISTENER = "explicit"
@@ -68,22 +69,36 @@ async def serve_client(engine: Engine, client: Side, who: Client) -> None:
                 else:
                     rec.note("the client closed the connection before sending a request")
                 return
+            rec.protocol = "connect" if head.method == b"CONNECT" else "http"
+            if not first and (refused := engine.audit_refusal()) is not None:  # a kept-alive connection's next
+                raise refused
             first = False
             target = parse_target(head)
             if target.connect:
+                if forwarder is not None:  # plain HTTP first, then CONNECT: its upstream is done with
+                    forwarder.close()
+                    forwarder = None
                 client.buffer[:0] = requests.rest  # the tunnel's first bytes, sent right behind the head
                 await tunnel(engine, rec, client, target)
                 spliced = True
                 return
             if forwarder is None:
                 forwarder = Forwarder(engine, client, requests)
-            if not await forwarder.exchange(rec, head, target):
+            outcome = await forwarder.exchange(rec, head, target)
+            if outcome is SPLICED:
+                spliced = True
+                return
+            if outcome is DONE:
                 return
             rec = engine.open(who, LISTENER, follows=rec)
     except ProxyError as exc:
         answered = rec.status is not None
+        if exc.dest is not None and rec.host is None:
+            rec.host, rec.port = exc.dest.host, exc.dest.port
         engine.fail(rec, exc)
-        if answered:
+        if answered and rec.protocol == "http":  # a response cut short: a reset, never a clean end of stream
+            client.reset()
+        elif answered:  # 200 to CONNECT went out: no error answer can follow it
             client.close()
         else:
             client.write(error_response(exc.status, exc.reason, engine.denial_body(rec, exc)))
@@ -222,5 +237,5 @@ async def start(engine: Engine, host: str, port: int, reuse_port: bool = False) 
     """Listen for explicit-proxy clients on host:port."""
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        lambda: _Client(engine, loop), host, port, backlog=1024, reuse_port=reuse_port or None
+        lambda: _Client(engine, loop), host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port or None
     )

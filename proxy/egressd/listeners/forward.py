@@ -1,7 +1,7 @@
 """Absolute-form plain HTTP forwarding, one request at a time, each one checked.
 
 For every request on a client connection: the Host header must name the URL's
-host (checked in :func:`egressd.sniff.http.parse_target`), the policy decides,
+host (checked in :func:`egressd.sniff.target.parse_target`), the policy decides,
 the name is resolved and pinned, and the request goes to the origin in
 origin-form without hop-by-hop headers. Messages are parsed by llhttp
 (:mod:`egressd.sniff.http`); heads are written here, bodies pass through as
@@ -17,6 +17,14 @@ An upstream connection is reused for the next request only when it names the
 same host and port and the origin's response left it reusable (not
 close-delimited, not ``Connection: close``, not an answer to HEAD); otherwise
 it is closed.
+
+Protocol upgrades: an ``h2c`` (or any non-WebSocket) offer is not carried out;
+the request is forwarded without ``Upgrade``/``HTTP2-Settings``, body and all,
+as Squid does. A WebSocket upgrade (``GET ws://...`` as aiohttp and Node's
+``ws`` send through an HTTP proxy) is forwarded with its ``Upgrade``; when the
+origin answers ``101`` the two connections are spliced like a CONNECT tunnel
+and the request's record covers the whole conversation (protocol
+``websocket``).
 """
 
 from __future__ import annotations
@@ -25,16 +33,23 @@ import asyncio
 
 from egressd.audit import Record
 from egressd.connection import Engine
-from egressd.errors import BadRequest, UpstreamFailure, UpstreamTimeout
+from egressd.errors import BadRequest, ClientGone, UpstreamFailure, UpstreamTimeout
 from egressd.listeners.httpio import CLOSED, LAST_CHUNK, chunk, next_event, serialize
 from egressd.relay import Side
-from egressd.sniff.http import NO_BODY_STATUSES, Head, RequestParser, ResponseParser, Target, forward_headers
+from egressd.sniff.http import NO_BODY_STATUSES, Head, RequestParser, ResponseParser, forward_headers
+from egressd.sniff.target import Target
 
 # An origin's response head may be larger than what clients may send, but not without bound.
 RESPONSE_HEAD_LIMIT = 64 * 1024
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
-_NOT_FORWARDED = frozenset({b"expect"})
+_NOT_FORWARDED = frozenset({b"expect", b"http2-settings"})
+_SWITCH = [(b"connection", b"upgrade")]
+
+# What :meth:`Forwarder.exchange` leaves behind.
+NEXT = "next"  # the client connection may send another request
+DONE = "done"  # the client connection ends here
+SPLICED = "spliced"  # the connection became a tunnel (WebSocket); the relay owns it and its record
 
 
 class _Batch:
@@ -73,8 +88,8 @@ class Forwarder:
         self.responses: ResponseParser | None = None
         self.pinned: tuple[str | None, list[str]] = (None, [])
 
-    async def exchange(self, rec: Record, head: Head, target: Target) -> bool:
-        """Forward one request and its response; return True when the client connection can take another."""
+    async def exchange(self, rec: Record, head: Head, target: Target) -> str:
+        """Forward one request and its response; return :data:`NEXT`, :data:`DONE` or :data:`SPLICED`."""
         rec.protocol = "http"
         rec.request = rec.request or 1
         dest = target.dest
@@ -91,8 +106,14 @@ class Forwarder:
         upstream, responses = self.upstream, self.responses
         assert responses is not None
         line = head.method + b" " + target.path + b" HTTP/1.1\r\n"
+        headers = forward_headers(head.headers, _NOT_FORWARDED)
+        if head.get(b"host") is None:  # HTTP/1.0 without Host: the URL named it, HTTP/1.1 needs it
+            headers.insert(0, (b"host", dest.authority.removesuffix(":80").encode()))
+        if head.upgrade is not None:
+            headers += [*_SWITCH, (b"upgrade", head.upgrade)]
+            responses.expect_switch(head.upgrade)
         up = _Batch(upstream)
-        up.add(serialize(line, forward_headers(head.headers, _NOT_FORWARDED)))
+        up.add(serialize(line, headers))
         expect = head.get(b"expect")
         if expect is not None and expect.lower() == b"100-continue" and (head.chunked or head.length):
             self.client.write(CONTINUE)
@@ -105,12 +126,25 @@ class Forwarder:
             reusable, keep_client = await self._relay_response(rec, down, responses, head)
         finally:
             rec.bytes_down += down.count
+        if responses.upgraded:
+            return self._switch(rec)
         if not reusable:
             self.close()
         if keep_client and not self.requests.upgraded:
             self.engine.close(rec)
-            return True
-        return False
+            return NEXT
+        return DONE
+
+    def _switch(self, rec: Record) -> str:
+        """The origin switched to the protocol the client asked for: from here on the pair is a tunnel."""
+        upstream, responses = self.upstream, self.responses
+        assert upstream is not None and responses is not None
+        self.upstream = self.responses = self.key = None
+        rec.protocol = "websocket"
+        self.client.buffer[:0] = self.requests.rest
+        upstream.buffer[:0] = responses.rest
+        self.engine.splice(rec, self.client, upstream)
+        return SPLICED
 
     async def _send_body(self, up: _Batch, chunked: bool) -> None:
         """Pass the request body on; the head is already in ``up``."""
@@ -125,7 +159,7 @@ class Forwarder:
                 stalled=lambda: BadRequest(f"the request body stalled for {timeout:g}s", status=408),
             )
             if event is CLOSED:
-                raise BadRequest("the client closed the connection in the middle of its request body")
+                raise ClientGone("the client closed the connection in the middle of its request body")
             if event is None:  # END
                 if chunked:
                     up.add(LAST_CHUNK)
@@ -158,10 +192,18 @@ class Forwarder:
             except ValueError as exc:
                 raise UpstreamFailure(f"the origin sent malformed HTTP: {exc}") from None
             if event is CLOSED:
+                if upstream.error is not None:
+                    raise UpstreamFailure(f"the origin reset the connection: {upstream.error}")
                 if responses.feed_eof():
                     continue
                 raise UpstreamFailure("the origin closed the connection before a complete response")
             if isinstance(event, Head):
+                if event.upgrade is not None:  # 101 to the protocol the client asked for
+                    rec.status = 101
+                    line = b"HTTP/1.1 101 %s\r\n" % event.reason
+                    down.add(serialize(line, [*forward_headers(event.headers), *_SWITCH, (b"upgrade", event.upgrade)]))
+                    await down.flush()
+                    return False, False
                 if event.status < 200:  # interim: pass it on, the final response follows
                     line = b"HTTP/1.1 %d %s\r\n" % (event.status, event.reason)
                     down.add(serialize(line, forward_headers(event.headers)))

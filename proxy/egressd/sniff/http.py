@@ -9,29 +9,18 @@ Content-Length and Transfer-Encoding, duplicate Content-Length, a
 Transfer-Encoding that does not end in ``chunked`` on a request); those become
 :class:`~egressd.errors.BadRequest` here, with llhttp's words.
 
-Two request forms reach an explicit proxy and both name the destination:
-
-* ``CONNECT host:port`` (authority-form) opens a tunnel; llhttp stops there and
-  the bytes behind the head are the tunnel's (:attr:`RequestParser.rest`);
-* ``GET http://host[:port]/path`` (absolute-form) is forwarded; its Host header
-  must name the same host and port (``host_mismatch`` otherwise), so that an
-  origin behind one allowed IP cannot be asked for another site by Host.
-
-Origin-form (``GET /path``), ``https://`` absolute-form and asterisk-form are
-refused with 400 and a message saying what to send instead.
+What a request head names (:mod:`egressd.sniff.target`) is checked apart from
+the parsing here.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
 import httptools
 
-from egressd.errors import BadRequest, Denied
-from egressd.hostport import BadDestination, Destination, parse_authority
-from egressd.policy.model import Reason
+from egressd.errors import BadRequest
 
 # Headers that describe one hop, never forwarded (RFC 9110 7.6.1), plus the proxy's own.
 HOP_BY_HOP = frozenset(
@@ -57,6 +46,7 @@ class Head:
     keep_alive: bool = True  # what the message says of its connection, as llhttp reads it
     chunked: bool = False  # the body is chunked (Transfer-Encoding ends in chunked)
     length: int | None = None  # Content-Length, if given
+    upgrade: bytes | None = None  # a protocol switch the parser stopped for (requests: b"websocket")
 
     def get(self, name: bytes) -> bytes | None:
         return next((value for n, value in self.headers if n == name), None)
@@ -74,7 +64,9 @@ Event = Head | bytes | None
 class _Parser:
     """Drives an llhttp parser; its callbacks queue events. ``limit`` bounds a head's bytes (431)."""
 
-    __slots__ = ("_parser", "events", "_head", "_url", "_open_for", "_fed", "_ended", "_in_message", "limit")
+    __slots__ = (
+        "_parser", "events", "_head", "_url", "_open_for", "_fed", "_ended", "_in_message", "limit", "_synthetic",
+    )
 
     def __init__(self, parser: httptools.HttpRequestParser | httptools.HttpResponseParser, limit: int) -> None:
         self._parser = parser
@@ -86,6 +78,7 @@ class _Parser:
         self._ended = 0  # messages completed
         self._in_message = False
         self.limit = limit
+        self._synthetic = False  # a head egressd made up to parse a body, never queued
 
     @property
     def in_head(self) -> bool:
@@ -112,6 +105,8 @@ class _Parser:
         head, parser = self._head, self._parser
         assert head is not None
         self._open_for = 0
+        if self._synthetic:
+            return
         head.version = parser.get_http_version()
         head.keep_alive = parser.should_keep_alive()
         self._complete(head, parser)
@@ -159,7 +154,7 @@ class _Parser:
 
 
 class RequestParser(_Parser):
-    """Client requests. After a CONNECT (or an Upgrade request) llhttp stops: ``upgraded`` is set and
+    """Client requests. After a CONNECT or a WebSocket upgrade llhttp stops: ``upgraded`` is set and
     ``rest`` holds the bytes that came behind the head."""
 
     __slots__ = ("upgraded", "rest")
@@ -183,8 +178,7 @@ class RequestParser(_Parser):
         try:
             self._feed(data)
         except httptools.HttpParserUpgrade as upgrade:
-            self.upgraded = True
-            self.rest = data[upgrade.args[0]:]
+            self._upgrade(data[upgrade.args[0]:])
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, BadRequest):
@@ -192,6 +186,33 @@ class RequestParser(_Parser):
             raise BadRequest(f"malformed HTTP: {exc}") from None
         except httptools.HttpParserError as exc:
             raise BadRequest(f"malformed HTTP: {exc}") from None
+
+    def _upgrade(self, rest: bytes) -> None:
+        """llhttp stopped behind a head that asks for another protocol (it skipped any body).
+
+        CONNECT and a bodiless WebSocket upgrade stop here for good. Any other
+        offer (``Upgrade: h2c``, as curl --http2 sends) is not carried out: a fresh
+        llhttp parses the body the head announced (behind a head made up for it,
+        never queued), then the requests that follow.
+        """
+        head = next(event for event in reversed(self.events) if isinstance(event, Head))
+        offer = (head.get(b"upgrade") or b"").strip().lower()
+        if head.method == b"CONNECT" or (offer == b"websocket" and not head.chunked and not head.length):
+            head.upgrade = None if head.method == b"CONNECT" else offer
+            self.upgraded = True
+            self.rest = rest
+            return
+        self._parser = httptools.HttpRequestParser(self)
+        if head.chunked or head.length:
+            self.events.pop()  # the END llhttp queued without the body
+            framing = b"transfer-encoding: chunked" if head.chunked else b"content-length: %d" % head.length
+            self._synthetic = True
+            try:
+                self._parser.feed_data(b"POST / HTTP/1.1\r\n" + framing + b"\r\n\r\n")
+            finally:
+                self._synthetic = False
+        if rest:
+            self.feed(rest)
 
 
 class ResponseParser(_Parser):
@@ -204,15 +225,23 @@ class ResponseParser(_Parser):
     ends at :meth:`feed_eof`.
     """
 
-    __slots__ = ("_head_only", "_close_delimited")
+    __slots__ = ("_head_only", "_close_delimited", "switch_to", "upgraded", "rest")
 
     def __init__(self, limit: int) -> None:
         super().__init__(httptools.HttpResponseParser(self), limit)
         self._head_only = False
         self._close_delimited = False
+        self.switch_to: bytes | None = None  # the protocol the request asked to switch to, if any
+        self.upgraded = False
+        self.rest = b""
 
     def expect_head_only(self) -> None:
         self._head_only = True
+
+    def expect_switch(self, protocol: bytes) -> None:
+        """The request asked for ``protocol``: a ``101`` naming it ends HTTP on this connection (``rest``
+        then holds the bytes behind its head); any other 101 is still an error."""
+        self.switch_to = protocol
 
     def _complete(self, head: Head, parser: httptools.HttpResponseParser) -> None:  # type: ignore[override]
         head.status = parser.get_status_code()
@@ -236,6 +265,9 @@ class ResponseParser(_Parser):
 
     def feed(self, data: bytes) -> None:
         """Parse origin bytes; ValueError with llhttp's words when they are not an HTTP/1.x response."""
+        if self.upgraded:
+            self.rest += data
+            return
         try:
             self._feed(data)
         except httptools.HttpParserCallbackError as exc:
@@ -243,8 +275,14 @@ class ResponseParser(_Parser):
             if isinstance(cause, _HeadOnly):
                 return
             raise ValueError(str(cause or exc)) from None
-        except httptools.HttpParserUpgrade:
-            raise ValueError("the origin switched protocols (101); egressd forwards HTTP/1.x only") from None
+        except httptools.HttpParserUpgrade as upgrade:
+            head = next((e for e in reversed(self.events) if isinstance(e, Head)), None)
+            offer = (head.get(b"upgrade") or b"").strip().lower() if head is not None else b""
+            if head is None or head.status != 101 or self.switch_to is None or offer != self.switch_to:
+                raise ValueError("the origin switched protocols (101) unasked; egressd forwards HTTP/1.x") from None
+            head.upgrade = offer
+            self.upgraded = True
+            self.rest = data[upgrade.args[0]:]
         except httptools.HttpParserError as exc:
             raise ValueError(str(exc)) from None
         except BadRequest as exc:
@@ -261,62 +299,6 @@ class ResponseParser(_Parser):
 
 class _HeadOnly(Exception):
     """Stops llhttp after the head of a response to HEAD."""
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """Where a request goes: the destination, and for forwarded requests the origin-form path."""
-
-    dest: Destination
-    connect: bool
-    path: bytes = b""
-
-
-def parse_target(head: Head) -> Target:
-    """Turn a request head into a Target, or raise BadRequest/Denied with the reason."""
-    target = head.target.decode("ascii", "replace")
-    if head.method == b"CONNECT":
-        try:
-            return Target(parse_authority(target), connect=True)
-        except BadDestination as exc:
-            raise BadRequest(f"CONNECT {target}: {exc}") from None
-    if target.startswith("/") or target == "*":
-        raise BadRequest(
-            f"{head.method.decode()} {target}: egressd is a forward proxy; send an absolute URL "
-            "(http://host/path) or CONNECT host:port"
-        )
-    try:
-        url = urlsplit(target)
-    except ValueError as exc:
-        raise BadRequest(f"{target!r} is not a URL: {exc}") from None
-    if url.scheme != "http":
-        hint = "; for https use CONNECT (curl -x does)" if url.scheme == "https" else ""
-        raise BadRequest(f"{target!r}: only http:// URLs are forwarded{hint}")
-    if url.username is not None or url.password is not None:
-        raise BadRequest(f"{target!r}: user-info in the URL is not accepted")
-    try:
-        dest = parse_authority(url.netloc, default_port=80)
-    except BadDestination as exc:
-        raise BadRequest(f"{target!r}: {exc}") from None
-    path = url.path or "/"
-    if url.query:
-        path += "?" + url.query
-    check_host_header(head, dest)
-    return Target(dest, connect=False, path=path.encode("ascii", "replace"))
-
-
-def check_host_header(head: Head, dest: Destination) -> None:
-    """The Host header must name the absolute-form host and port (default 80); else Denied(host_mismatch)."""
-    hosts = [value for name, value in head.headers if name == b"host"]
-    if len(hosts) != 1:
-        raise BadRequest(f"expected exactly one Host header, got {len(hosts)}")
-    value = hosts[0].decode("ascii", "replace")
-    try:
-        named = parse_authority(value, default_port=80)
-    except BadDestination:
-        named = None
-    if named is None or (named.host, named.port) != (dest.host, dest.port):
-        raise Denied(Reason.HOST_MISMATCH, f"Host header {value!r} does not name the requested {dest.authority}")
 
 
 Headers = list[tuple[bytes, bytes]]

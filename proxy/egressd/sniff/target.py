@@ -1,0 +1,93 @@
+"""What a request head names: the destination, checked once, as pure functions.
+
+Two request forms reach an explicit proxy and both name the destination:
+
+* ``CONNECT host:port`` (authority-form) opens a tunnel;
+* ``GET http://host[:port]/path`` (absolute-form, ``ws://`` too) is forwarded;
+  its Host header must name the same host and port (``host_mismatch``
+  otherwise), so that an origin behind one allowed IP cannot be asked for
+  another site by Host. HTTP/1.0 may leave Host out.
+
+Origin-form (``GET /path``), ``https://`` absolute-form and asterisk-form are
+refused with 400 and a message saying what to send instead. A refused request
+that named a valid destination carries it in the error's ``dest``, for the
+record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from egressd.errors import BadRequest, Denied
+from egressd.hostport import BadDestination, Destination, parse_authority
+from egressd.policy.model import Reason
+from egressd.sniff.http import Head
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request goes: the destination, and for forwarded requests the origin-form path."""
+
+    dest: Destination
+    connect: bool
+    path: bytes = b""
+
+
+def parse_target(head: Head) -> Target:
+    """Turn a request head into a Target, or raise BadRequest/Denied with the reason (and, when the
+    request named a valid destination, that destination in the error's ``dest``)."""
+    target = head.target.decode("ascii", "replace")
+    if head.method == b"CONNECT":
+        try:
+            return Target(parse_authority(target), connect=True)
+        except BadDestination as exc:
+            raise BadRequest(f"CONNECT {target}: {exc}") from None
+    if target.startswith("/") or target == "*":
+        raise BadRequest(
+            f"{head.method.decode()} {target}: egressd is a forward proxy; send an absolute URL "
+            "(http://host/path) or CONNECT host:port"
+        )
+    try:
+        url = urlsplit(target)
+    except ValueError as exc:
+        raise BadRequest(f"{target!r} is not a URL: {exc}") from None
+    try:
+        dest: Destination | None = parse_authority(
+            url.netloc.rpartition("@")[2], default_port=443 if url.scheme in ("https", "wss") else 80
+        )
+        problem = ""
+    except BadDestination as exc:
+        dest, problem = None, str(exc)
+    if url.scheme not in ("http", "ws"):
+        hint = "; for https and wss use CONNECT (curl -x does)" if url.scheme in ("https", "wss") else ""
+        raise BadRequest(f"{target!r}: only http:// (and ws://) URLs are forwarded{hint}", dest=dest)
+    if url.username is not None or url.password is not None:
+        raise BadRequest(f"{target!r}: user-info in the URL is not accepted", dest=dest)
+    if dest is None:
+        raise BadRequest(f"{target!r}: {problem}")
+    path = url.path or "/"
+    if url.query:
+        path += "?" + url.query
+    check_host_header(head, dest)
+    return Target(dest, connect=False, path=path.encode("ascii", "replace"))
+
+
+def check_host_header(head: Head, dest: Destination) -> None:
+    """The Host header must name the absolute-form host and port (default 80); else Denied(host_mismatch).
+
+    HTTP/1.0 requests may leave Host out: the absolute URL names the host (as Squid accepts)."""
+    hosts = [value for name, value in head.headers if name == b"host"]
+    if not hosts and head.version == "1.0":
+        return
+    if len(hosts) != 1:
+        raise BadRequest(f"expected exactly one Host header, got {len(hosts)}", dest=dest)
+    value = hosts[0].decode("ascii", "replace")
+    try:
+        named = parse_authority(value, default_port=80)
+    except BadDestination:
+        named = None
+    if named is None or (named.host, named.port) != (dest.host, dest.port):
+        raise Denied(
+            Reason.HOST_MISMATCH, f"Host header {value!r} does not name the requested {dest.authority}", dest=dest
+        )
