@@ -236,13 +236,14 @@ def test_full_file_system_refuses_new_connections_loses_no_record_and_recovers(l
     audit_file = inside / "audit.jsonl"
     assert tunnel(proxy, lab).startswith(b"HTTP/1.1 200")
     wait_for(lambda: audit_file.stat().st_size > 0, what="the first record")
-    with open(inside / "filler", "wb") as filler:
-        try:
-            while True:
-                filler.write(b"\0" * 4096)
-                filler.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
+    filler = os.open(inside / "filler", os.O_WRONLY | os.O_CREAT, 0o600)  # unbuffered: nothing left to flush
+    try:
+        while True:
+            os.write(filler, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(filler)
     admitted = 1 + until_refused(lambda: tunnel(proxy, lab), b"HTTP/1.1 200")
     assert_refusing(proxy, "No space left on device")
     assert proxy.metric("egressd_audit_write_errors_total") > 0

@@ -24,7 +24,7 @@ from egressd.admin import Admin
 from egressd.audit import CLOSE_TIMEOUT, AuditLog
 from egressd.config import Config, system_resolvers
 from egressd.connection import Dial, Engine, PolicyHolder
-from egressd.listeners import explicit
+from egressd.listeners import Listening, explicit
 from egressd.metrics import Metrics, registry_for
 from egressd.policy.loader import PolicyError
 from egressd.reload import Reloader, load_for
@@ -70,15 +70,28 @@ class Proxy:
             )
         self.reloader = Reloader(config.allowlists, service, self.holder, self.metrics)
         self.admin = Admin(registry_for(self.metrics), self.ready)
-        self.servers: list[asyncio.Server] = []
+        self.servers: list[Listening] = []
+        self.bound: dict[str, list[tuple[str, int]]] = {}  # listener kind -> the addresses it bound
         self.background: list[asyncio.Task] = []
         self.stopping = False
         self.stopped = asyncio.Event()
 
     async def start(self) -> None:
-        self.servers.append(await explicit.start(self.engine, *self.config.listen, reuse_port=self.config.reuse_port))
-        if self.config.admin_listen is not None:
-            self.servers.append(await self.admin.start(*self.config.admin_listen))
+        cfg = self.config
+        if cfg.listen is not None:
+            self._bind("explicit", await explicit.start(self.engine, *cfg.listen, reuse_port=cfg.reuse_port))
+        if cfg.admin_listen is not None:
+            self._bind("admin", await self.admin.start(*cfg.admin_listen))
+        if cfg.transparent_listen:
+            from egressd.listeners import transparent
+
+            for host, port in cfg.transparent_listen:
+                self._bind("transparent", await transparent.start(self.engine, host, port))
+        if cfg.dns_listen:
+            from egressd.listeners import dns
+
+            for host, port in cfg.dns_listen:
+                self._bind("dns", await dns.start(self.engine, host, port))
         loop = asyncio.get_running_loop()
         self.background = [
             loop.create_task(self.engine.sweeper.run()),
@@ -94,9 +107,15 @@ class Proxy:
         why = self.audit.unavailable
         return f"the audit log cannot be written: {why}" if why else True
 
+    def _bind(self, kind: str, server: Listening) -> None:
+        self.servers.append(server)
+        address = server.address if hasattr(server, "address") else server.sockets[0].getsockname()[:2]
+        self.bound.setdefault(kind, []).append(address)
+
     @property
     def addresses(self) -> list[tuple[str, int]]:
-        return [s.sockets[0].getsockname()[:2] for s in self.servers]
+        """The explicit listener's address, then the admin endpoint's (what the demo uses)."""
+        return [*self.bound.get("explicit", []), *self.bound.get("admin", [])]
 
     async def stop(self) -> None:
         """Stop accepting, drain open connections up to drain_timeout, abort the rest, flush records."""
@@ -146,7 +165,8 @@ async def serve(config: Config) -> int:
         spawn(serve_control(config.control_fd, proxy.metrics, lambda: spawn(proxy.stop())))
     log.info(
         "worker.started" if config.control_fd is not None else "egressd.started",
-        listen=proxy.addresses[0], admin=proxy.addresses[1:], service=config.service,
+        listen=(proxy.bound.get("explicit") or [None])[0], admin=proxy.bound.get("admin", []),
+        transparent=proxy.bound.get("transparent", []), dns=proxy.bound.get("dns", []), service=config.service,
         policy_version=proxy.holder.current.version if proxy.holder.current else None,
     )
     await proxy.stopped.wait()

@@ -56,8 +56,20 @@ DNS_MS = "dns_ms"
 CONNECT_MS = "connect_ms"
 REQUEST = "request"
 STATUS = "status"
+ORIGINAL_DST = "original_dst"  # transparent: the address the client dialled (ip:port)
+ORIGINAL_DST_IN_ANSWER = "original_dst_in_answer"  # ... and whether egressd's own answer for the name held it
+ECH = "ech"  # the ClientHello carried encrypted_client_hello (decided on its outer SNI)
 
 CONNECTION_EVENT = "egress.connection"
+
+# The record of one query to the sidecar's DNS filter (DnsRecord): EVENT, TS, SERVICE, CLIENT, the fields
+# below, DECISION, REASON, DETAIL, RULE, POLICY_VERSION.
+DNS_EVENT = "egress.dns"
+QNAME = "qname"
+QTYPE = "qtype"
+RCODE = "rcode"
+ANSWERS = "answers"  # [{"address": ..., "ttl": ...}] of the A/AAAA answers returned
+UPSTREAM_MS = "upstream_ms"
 
 # The record of connections refused while records could not be written, past max_pending lines waiting:
 # event, ts (the first such refusal), last_ts, refused (how many), detail.
@@ -89,8 +101,11 @@ class Record:
     __slots__ = (
         "conn_id", "started", "service", "client", "listener", "protocol", "host", "port", "sni",
         "decision", "would_deny", "reason", "detail", "rule", "policy_version", "resolved", "upstream",
-        "bytes_up", "bytes_down", "duration_ms", "dns_ms", "connect_ms", "request", "status", "emitted",
+        "bytes_up", "bytes_down", "duration_ms", "dns_ms", "connect_ms", "request", "status",
+        "original_dst", "original_dst_in_answer", "ech", "emitted",
     )
+
+    event = CONNECTION_EVENT
 
     def __init__(self, conn_id: str, started: float, client: str, listener: str, service: str | None) -> None:
         self.conn_id = conn_id
@@ -117,6 +132,9 @@ class Record:
         self.connect_ms: float | None = None
         self.request: int | None = None
         self.status: int | None = None
+        self.original_dst: str | None = None
+        self.original_dst_in_answer: bool | None = None
+        self.ech: bool | None = None
         self.emitted = False
 
     def note(self, text: str) -> None:
@@ -149,6 +167,53 @@ class Record:
             CONNECT_MS: None if self.connect_ms is None else round(self.connect_ms, 3),
             REQUEST: self.request,
             STATUS: self.status,
+            ORIGINAL_DST: self.original_dst,
+            ORIGINAL_DST_IN_ANSWER: self.original_dst_in_answer,
+            ECH: self.ech,
+        }
+
+
+class DnsRecord:
+    """What one query to the DNS filter got; filled in by the filter, emitted once."""
+
+    __slots__ = (
+        "started", "service", "client", "qname", "qtype", "rcode", "answers", "decision", "reason", "detail",
+        "rule", "policy_version", "upstream_ms", "emitted",
+    )
+
+    event = DNS_EVENT
+
+    def __init__(self, started: float, service: str | None, client: str) -> None:
+        self.started = started
+        self.service = service
+        self.client = client
+        self.qname: str | None = None
+        self.qtype: str | None = None
+        self.rcode: str | None = None
+        self.answers: list[dict[str, Any]] = []
+        self.decision = "deny"
+        self.reason = "bad_request"
+        self.detail: str | None = None
+        self.rule: str | None = None
+        self.policy_version: str | None = None
+        self.upstream_ms: float | None = None
+        self.emitted = False
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            TS: rfc3339(self.started),
+            SERVICE: self.service,
+            CLIENT: self.client,
+            QNAME: self.qname,
+            QTYPE: self.qtype,
+            RCODE: self.rcode,
+            ANSWERS: self.answers,
+            DECISION: self.decision,
+            REASON: self.reason,
+            DETAIL: self.detail,
+            RULE: self.rule,
+            POLICY_VERSION: self.policy_version,
+            UPSTREAM_MS: None if self.upstream_ms is None else round(self.upstream_ms, 3),
         }
 
 
@@ -171,13 +236,13 @@ class AuditLog:
         self._gap_lock = threading.Lock()  # the loop counts refusals, the writer thread takes the count
         self._gap: list[float] = []  # [refused, first ts, last ts] while refusals go unrecorded
 
-    def emit(self, record: Record) -> bool:
+    def emit(self, record: Record | DnsRecord) -> bool:
         """Write the record unless it was written already; return whether this call wrote it."""
         if record.emitted:
             return False
         record.emitted = True
         fields = record.fields()
-        fields[EVENT] = CONNECTION_EVENT
+        fields[EVENT] = record.event
         if self._sink is not None:
             self._sink(dict(fields))
         if record.reason == _REFUSAL and self._writer.queued >= self._max_pending:

@@ -20,8 +20,12 @@ class ConfigError(ValueError):
 class Config:
     allowlists: Path
     service: str
-    listen: HostPort = ("127.0.0.1", 3128)
+    listen: HostPort | None = ("127.0.0.1", 3128)  # the explicit listener; None: off
     admin_listen: HostPort | None = ("127.0.0.1", 15020)
+    transparent_listen: tuple[HostPort, ...] = ()  # connections redirected by iptables (sidecar)
+    dns_listen: tuple[HostPort, ...] = ()  # the DNS filter, UDP and TCP (sidecar)
+    dns_passthrough: tuple[str, ...] = ("cluster.local",)  # suffixes the DNS filter always forwards
+    dns_audit: str = "all"  # which DNS queries get a record: all, or denied only
     mode: Mode | None = None
     allow_cidrs: tuple[IPNetwork, ...] = ()
     resolvers: tuple[HostPort, ...] = ()
@@ -52,6 +56,15 @@ class Config:
             raise ConfigError("--max-header-bytes must be at least 1024")
         if self.workers < 1:
             raise ConfigError("--workers must be at least 1")
+        if self.workers > 1 and (self.listen is None or self.transparent_listen or self.dns_listen):
+            raise ConfigError(
+                "--workers above 1 shares the explicit --listen port only: give --workers 1 with "
+                "--transparent-listen or --dns-listen, and a --listen address"
+            )
+        if not (self.listen or self.transparent_listen or self.dns_listen):
+            raise ConfigError("every listener is off: give --listen, --transparent-listen or --dns-listen")
+        if self.dns_audit not in ("all", "denied"):
+            raise ConfigError("--dns-audit must be 'all' or 'denied'")
         if self.max_connections < 1 or self.max_connections_per_client < 1:
             raise ConfigError("--max-connections and --max-connections-per-client must be at least 1")
         if not 0 <= self.dns_min_ttl <= self.dns_max_ttl:

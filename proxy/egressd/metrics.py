@@ -31,6 +31,8 @@ DNS_SECONDS = ("dns_lookup_seconds", "Time to resolve a name (cache misses only)
 CONNECT_SECONDS = ("upstream_connect_seconds", "Time to open the upstream TCP connection.", ())
 RELOADS = ("policy_reloads_total", "Policy loads by result.", ("result",))
 LOADED_AT = ("policy_loaded_timestamp_seconds", "Unix time the policy in force was loaded.", ())
+DNS_QUERIES = ("dns_queries_total", "Queries to the DNS filter by outcome.", ("service", "decision", "reason"))
+DNS_UPSTREAM_SECONDS = ("dns_upstream_seconds", "Time the DNS filter waited for its upstream resolvers.", ())
 DNS_CACHE = ("dns_cache_lookups_total", "Resolver cache lookups by result.", ("result",))
 AUDIT_ERRORS = ("audit_write_errors_total", "Failed writes of audit records (every retry counts).", ())
 AUDIT_PENDING = ("audit_pending_records", "Audit records emitted and not written yet.", ())
@@ -73,6 +75,8 @@ class Metrics:
         self.bytes: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.dns_seconds = Histogram()
         self.connect_seconds = Histogram()
+        self.dns_upstream_seconds = Histogram()
+        self.dns_queries: defaultdict[tuple[str, str, str], int] = defaultdict(int)
         self.reloads: defaultdict[str, int] = defaultdict(int, success=0, error=0)
         self.dns_cache: defaultdict[str, int] = defaultdict(int)
         self.loaded_at = 0.0
@@ -93,7 +97,8 @@ class Metrics:
         if down:
             self.bytes[(service, "down")] += down
 
-    _SUMMED = ("connections", "denials", "active", "bytes", "dns_cache")
+    _SUMMED = ("connections", "denials", "active", "bytes", "dns_cache", "dns_queries")
+    _HISTOGRAMS = ("dns_seconds", "connect_seconds", "dns_upstream_seconds")
 
     def snapshot(self) -> dict:
         """Plain data of every counter (and of the audit log's state), for a worker to send to its supervisor."""
@@ -101,7 +106,7 @@ class Metrics:
         data["reloads"] = dict(self.reloads)
         data["loaded_at"] = self.loaded_at
         data["audit"] = self.audit()
-        for name in ("dns_seconds", "connect_seconds"):
+        for name in self._HISTOGRAMS:
             hist = getattr(self, name)
             data[name] = (list(hist.counts), hist.total)
         return data
@@ -123,7 +128,7 @@ class Metrics:
         audits = [snap["audit"] for snap in snapshots]
         errors, pending = sum(a[0] for a in audits), sum(a[1] for a in audits)
         self.audit_summed = (errors, pending, min((a[2] for a in audits), default=1))
-        for name in ("dns_seconds", "connect_seconds"):
+        for name in self._HISTOGRAMS:
             hist = Histogram()
             for snap in snapshots:
                 counts, total = snap[name]
@@ -152,10 +157,14 @@ class Collector:
             gauge.add_metric((service,), value)
         yield gauge
         yield _counter(BYTES, m.bytes)
-        for (name, help_text, _), hist in ((DNS_SECONDS, m.dns_seconds), (CONNECT_SECONDS, m.connect_seconds)):
+        for (name, help_text, _), hist in (
+            (DNS_SECONDS, m.dns_seconds), (CONNECT_SECONDS, m.connect_seconds),
+            (DNS_UPSTREAM_SECONDS, m.dns_upstream_seconds),
+        ):
             yield HistogramMetricFamily(PREFIX + name, help_text, buckets=hist.buckets(), sum_value=hist.total)
         yield _counter(RELOADS, {(k,): v for k, v in m.reloads.items()})
         yield _counter(DNS_CACHE, {(k,): v for k, v in m.dns_cache.items()})
+        yield _counter(DNS_QUERIES, m.dns_queries)
         yield GaugeMetricFamily(PREFIX + LOADED_AT[0], LOADED_AT[1], value=m.loaded_at)
         errors, pending, available = m.audit()
         yield CounterMetricFamily(PREFIX + AUDIT_ERRORS[0].removesuffix("_total"), AUDIT_ERRORS[1], value=errors)

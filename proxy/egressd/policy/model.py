@@ -50,6 +50,8 @@ class Reason(enum.Enum):
     NO_IDENTITY = "no_identity"
     OVERLOADED = "overloaded"
     AUDIT_UNAVAILABLE = "audit_unavailable"
+    NO_NAME = "no_name"  # transparent: neither SNI nor an HTTP Host names the destination, and no cidr rule
+    PASSTHROUGH = "passthrough"  # DNS filter: a name under a --dns-passthrough suffix, forwarded unchecked
 
 
 # Reasons that `mode: audit` turns into an allow with would_deny=true. Everything

@@ -1,0 +1,58 @@
+"""Command line: argument and environment parsing only, one module per subcommand group.
+
+``egressd run``       the proxy (:mod:`egressd.cli.run`; every flag also reads EGRESSD_<FLAG>,
+                      e.g. EGRESSD_SERVICE; repeatable flags take a comma-separated list there)
+``egressd sidecar``   ``run`` with the defaults of a container injected into a pod
+``egressd validate``  load an allowlists directory, list every error, exit 1 if any (:mod:`egressd.cli.policy`)
+``egressd check``     decide one destination for one service: exit 0 allow, 1 deny
+``egressd demo``      the offline demo (its own DNS server and HTTPS origins)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from egressd.cli import policy, run
+from egressd.config import ConfigError, env_default
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="egressd", description="Egress FQDN-filtering proxy.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run.add_run_flags(sub.add_parser("run", help="run the proxy"), run.RUN)
+    run.add_run_flags(
+        sub.add_parser("sidecar", help="run the proxy with the defaults of a pod's sidecar (transparent and DNS "
+                       "listeners on loopback, admin on 0.0.0.0:15020, one worker)"),
+        run.SIDECAR,
+    )
+    policy.add_parsers(sub)
+    demo = sub.add_parser("demo", help="run the offline demo and print each decision")
+    demo.add_argument("--serve", action="store_true", help="keep the demo proxy up for your own curl -x")
+    demo.add_argument("--listen", default="127.0.0.1:3128", help="proxy address with --serve")
+    demo.add_argument("--allowlists", default=env_default("allowlists", "allowlists"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            return policy.cmd_validate(args.path)
+        if args.command == "check":
+            return policy.cmd_check(args)
+        if args.command == "demo":
+            from egressd import demo
+
+            return demo.main(Path(args.allowlists), serve=args.serve, listen=args.listen)
+        from egressd import app
+
+        return app.run(run.config_from(args), argv=sys.argv[2:] if argv is None else argv[1:])
+    except ConfigError as exc:
+        print(f"egressd: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
