@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # Sets up a machine to run egressd and its tests: system tools (when root and
-# missing) and a virtualenv in .venv with egressd installed in editable mode.
+# missing: curl, openssl, iproute2, util-linux, iptables, dig) and a virtualenv
+# in .venv with egressd installed in editable mode.
 #   .venv     Python >= 3.12 when one is found (mitmproxy, the tests' oracle, needs it), else python3 (>= 3.11)
 #   .venv311  Python 3.11, when present: the oldest Python egressd supports (EGRESSD_PY311=1 to build it)
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# tool -> the Debian package that has it (the sidecar tests need iptables and dig)
+declare -A package=(
+  [curl]=curl [openssl]=openssl [ip]=iproute2 [ss]=iproute2 [unshare]=util-linux [prlimit]=util-linux
+  [setpriv]=util-linux [iptables-restore]=iptables [ip6tables-restore]=iptables [dig]=bind9-dnsutils
+)
 need=()
-for tool in curl openssl ip unshare; do command -v "$tool" >/dev/null || need+=("$tool"); done
+for tool in "${!package[@]}"; do command -v "$tool" >/dev/null || need+=("${package[$tool]}"); done
 if [ ${#need[@]} -gt 0 ]; then
+  mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl openssl iproute2 util-linux >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   else
-    echo "install.sh: missing ${need[*]}: install curl, openssl, iproute2 and util-linux" >&2
+    echo "install.sh: missing tools: install the packages ${need[*]}" >&2
     exit 1
   fi
 fi

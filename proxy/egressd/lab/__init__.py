@@ -85,8 +85,12 @@ class LabThread:
     (after logging it as usual).
     """
 
-    def __init__(self, loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop) -> None:
+    def __init__(
+        self, loop_factory: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop, netns: str | None = None
+    ) -> None:
+        """``netns``: serve inside that network namespace (see :mod:`egressd.lab.netns`)."""
         self.errors: list[dict[str, Any]] = []
+        self._netns = netns
         self._loop_factory = loop_factory
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -106,6 +110,10 @@ class LabThread:
         ready = threading.Event()
 
         def main() -> None:
+            if self._netns is not None:
+                from egressd.lab.netns import enter
+
+                enter(self._netns)
             asyncio.set_event_loop(loop)
             loop.call_soon(ready.set)
             loop.run_forever()
