@@ -303,7 +303,7 @@ def test_slow_refuses_negative_delay():
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.1", "localhost"])
 @pytest.mark.parametrize("make", [lambda: DnsServer({}), HttpOrigin, EchoOrigin], ids=["dns", "http", "echo"])
 def test_refuses_to_listen_beyond_loopback(lab, make, host):
-    """A lab server refuses any host that is not a loopback (or 198.51.100/24 documentation) IP literal, before opening a socket."""
+    """A lab server refuses any host that is not a loopback (or documentation) IP literal, before opening a socket."""
     with pytest.raises(ValueError, match="lab servers bind"):
         lab.run(make().start(host))
 

@@ -67,10 +67,13 @@ class Namespace:
             prefix += ["setpriv", "--reuid", str(user), "--regid", str(user), "--clear-groups"]
         return [*prefix, *cmd]
 
-    def run(self, cmd: Sequence[str], user: int | None = None, timeout: float = 20, **kw) -> subprocess.CompletedProcess:
+    def run(
+        self, cmd: Sequence[str], user: int | None = None, timeout: float = 20, **kw: object
+    ) -> subprocess.CompletedProcess:
+        """``cmd`` run to its end inside this namespace; output captured as text unless told otherwise."""
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
-        return subprocess.run(self.command(cmd, user), timeout=timeout, **kw)  # noqa: PLW1510 - callers check
+        return subprocess.run(self.command(cmd, user), timeout=timeout, **kw)  # callers check the result
 
     def ip(self, *args: str) -> None:
         _ip("-n", self.name, *args)
