@@ -6,6 +6,7 @@
 ``egressd validate``  load an allowlists directory, list every error, exit 1 if any (:mod:`egressd.cli.policy`)
 ``egressd check``     decide one destination for one service: exit 0 allow, 1 deny
 ``egressd demo``      the offline demo (its own DNS server and HTTPS origins)
+``egressd init-iptables``  install the pod's iptables rules, in an init container (:mod:`egressd.cli.iptables`)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from egressd.cli import policy, run
+from egressd.cli import iptables, policy, run
 from egressd.config import ConfigError, env_default
 
 
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         run.SIDECAR,
     )
     policy.add_parsers(sub)
+    iptables.add_parser(sub)
     demo = sub.add_parser("demo", help="run the offline demo and print each decision")
     demo.add_argument("--serve", action="store_true", help="keep the demo proxy up for your own curl -x")
     demo.add_argument("--listen", default="127.0.0.1:3128", help="proxy address with --serve")
@@ -42,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
             return policy.cmd_validate(args.path)
         if args.command == "check":
             return policy.cmd_check(args)
+        if args.command == "init-iptables":
+            return iptables.cmd_init(args)
         if args.command == "demo":
             from egressd import demo
 

@@ -25,7 +25,9 @@ import ctypes
 import os
 import secrets
 import shutil
+import socket
 import subprocess
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,6 +50,28 @@ def enter(name: str) -> None:
                 raise OSError(err, f"setns {name}: {os.strerror(err)}")
     finally:
         os.close(fd)
+
+
+def socket_in(name: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket made inside network namespace ``name``: it stays there, whichever thread then uses it
+    (made by a short-lived thread, since entering a namespace is for good)."""
+    made: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        try:
+            enter(name)
+            made.append(socket.socket(family, kind))
+        except BaseException as exc:  # handed to the caller below
+            made.append(exc)
+
+    thread = threading.Thread(target=make, name=f"egressd-socket-{name}", daemon=True)
+    thread.start()
+    thread.join(10)
+    if not made:
+        raise RuntimeError(f"no socket made in namespace {name} within 10 s")
+    if isinstance(made[0], BaseException):
+        raise made[0]
+    return made[0]
 
 
 def _ip(*args: str) -> None:
@@ -77,6 +101,10 @@ class Namespace:
 
     def ip(self, *args: str) -> None:
         _ip("-n", self.name, *args)
+
+    def make_socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        """A socket inside this namespace, owned by this process's user (see :func:`socket_in`)."""
+        return socket_in(self.name, family, kind)
 
     def set_resolv_conf(self, *nameservers: str) -> None:
         """What ``/etc/resolv.conf`` says inside this namespace (for processes started by :meth:`run`)."""
