@@ -68,8 +68,9 @@ class ProxyProcess:
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
         started = self.wait_log("egressd.started")
-        self.address: tuple[str, int] = tuple(started["listen"])  # type: ignore[assignment]
+        self.address: tuple[str, int] = tuple(started["listen"] or ())  # type: ignore[assignment]  # () if off
         self.admin: tuple[str, int] = tuple(started["admin"][0])  # type: ignore[assignment]
+        self.dns: list[tuple[str, int]] = [tuple(a) for a in started.get("dns", [])]  # type: ignore[misc]
 
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None

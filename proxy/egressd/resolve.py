@@ -6,10 +6,22 @@ configured servers), every answer is classified by :mod:`egressd.addresses`, and
 the connection dials only the allowed answers, by IP. The socket layer never
 resolves anything again, so the address checked is the address dialled.
 
-Answers are cached per name for their TTL, clamped to [min_ttl, max_ttl];
-concurrent lookups of one name share one query. Timeouts, SERVFAIL, NXDOMAIN and
-empty answers become :class:`~egressd.errors.DnsFailure` (502, ``dns_failure``)
-and are not cached, except NXDOMAIN, which is cached for min_ttl.
+Answers are cached per name and address family (A, AAAA) for their TTL,
+clamped to [min_ttl, max_ttl]; concurrent lookups of one name share one query.
+Timeouts, SERVFAIL, NXDOMAIN and empty answers become
+:class:`~egressd.errors.DnsFailure` (502, ``dns_failure``) and are not cached,
+except NXDOMAIN, which is cached for min_ttl.
+
+:meth:`Resolver.seed` is how the sidecar's DNS filter tells the cache what it
+answered the app, so that the connection which follows dials an address the app
+was told (round-robin names answer differently from one query to the next).
+The app asks A and AAAA in separate queries, often only one of them, so a seed
+fills one family and leaves the other as it was: still cached, or unknown. A
+lookup uses the cached families and queries only the missing ones; it never
+takes a family's absence from the other's seed (no family disappears) and never
+fills a family that was neither seeded nor answered (none is invented). A seed
+replaces its family's entry, with the seed's TTL under the same clamp; a lookup
+in flight when a seed lands keeps the seed.
 """
 
 from __future__ import annotations
@@ -18,12 +30,13 @@ import asyncio
 import functools
 import ipaddress
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
 import dns.nameserver
+import dns.rdatatype
 import dns.resolver
 
 from egressd.addresses import AddressCheck, check
@@ -32,7 +45,10 @@ from egressd.hostport import Destination, IPAddress
 from egressd.metrics import Metrics
 from egressd.policy.model import IPNetwork
 
-MAX_CACHE_ENTRIES = 10_000
+MAX_CACHE_ENTRIES = 20_000  # (name, family) entries: two per name
+
+_FAMILIES = {dns.rdatatype.A: 4, dns.rdatatype.AAAA: 6}
+_RDTYPES = {4: "A", 6: "AAAA"}
 
 # The same few answers are classified again and again: remember the verdicts.
 _check = functools.lru_cache(maxsize=8192)(check)
@@ -50,9 +66,14 @@ class Pinned:
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
+    """One family of one name: its addresses (maybe none) until ``expires``, or the error that the name had."""
+
     expires: float
     addresses: tuple[IPAddress, ...]
     error: str | None = None
+
+
+_Pair = tuple[_Entry, _Entry]  # (A, AAAA)
 
 
 class Resolver:
@@ -77,16 +98,17 @@ class Resolver:
         self._max_ttl = max_ttl
         self._metrics = metrics or Metrics()
         self._clock = clock
-        self._cache: dict[str, _Entry] = {}
-        self._inflight: dict[str, asyncio.Task[_Entry]] = {}
+        self._cache: dict[tuple[str, int], _Entry] = {}  # (name, 4 or 6) -> entry
+        self._inflight: dict[str, asyncio.Task[_Pair]] = {}
 
     async def lookup(self, name: str) -> tuple[tuple[IPAddress, ...], float | None]:
         """Return (addresses, milliseconds waited for DNS, None when answered from the cache) or raise DnsFailure."""
-        entry = self._cache.get(name)
         now = self._clock()
-        if entry is not None and entry.expires > now:
+        v4 = self._fresh(name, 4, now)
+        v6 = self._fresh(name, 6, now)
+        if v4 is not None and v6 is not None:
             self._metrics.dns_cache["hit"] += 1
-            return self._answer(name, entry), None
+            return self._answer(name, v4, v6), None
         self._metrics.dns_cache["miss"] += 1
         started = time.perf_counter()
         task = self._inflight.get(name)
@@ -94,10 +116,32 @@ class Resolver:
             task = asyncio.get_running_loop().create_task(self._query(name, started))
             self._inflight[name] = task
             task.add_done_callback(functools.partial(self._finished, name))
-        entry = await asyncio.shield(task)
-        return self._answer(name, entry), (time.perf_counter() - started) * 1000
+        v4, v6 = await asyncio.shield(task)
+        return self._answer(name, v4, v6), (time.perf_counter() - started) * 1000
 
-    def _finished(self, name: str, task: asyncio.Task[_Entry]) -> None:
+    def seed(self, name: str, rdtype: int, addresses: Iterable[IPAddress | str], ttl: float) -> None:
+        """Cache what the DNS filter answered for one type of ``name`` (canonical), for ``ttl`` under the clamp.
+
+        ``rdtype`` is ``dns.rdatatype.A`` or ``AAAA``; ``addresses`` may be
+        empty (the name has none of that family). Only this family's entry
+        changes (addresses of the other family are ignored), except that a
+        cached NXDOMAIN of the other family is dropped: the name exists now.
+        """
+        family = _FAMILIES.get(rdtype)  # type: ignore[call-overload]
+        if family is None:
+            raise ValueError(f"only A and AAAA answers seed the resolver, not {dns.rdatatype.to_text(rdtype)}")
+        ips = tuple(a if not isinstance(a, str) else ipaddress.ip_address(a) for a in addresses)
+        ttl = min(max(ttl, self._min_ttl), self._max_ttl)
+        other = self._cache.get((name, 10 - family))
+        if other is not None and other.error is not None:
+            del self._cache[(name, 10 - family)]
+        self._store((name, family), _Entry(self._clock() + ttl, tuple(ip for ip in ips if ip.version == family)))
+
+    def _fresh(self, name: str, family: int, now: float) -> _Entry | None:
+        entry = self._cache.get((name, family))
+        return entry if entry is not None and entry.expires > now else None
+
+    def _finished(self, name: str, task: asyncio.Task[_Pair]) -> None:
         self._inflight.pop(name, None)
         if not task.cancelled():
             task.exception()  # retrieved here: waiters that went away must not leave it "never retrieved"
@@ -108,52 +152,71 @@ class Resolver:
             task.cancel()
 
     @staticmethod
-    def _answer(name: str, entry: _Entry) -> tuple[IPAddress, ...]:
-        if entry.error is not None:
-            raise DnsFailure(f"{name}: {entry.error}")
-        return entry.addresses
+    def _answer(name: str, v4: _Entry, v6: _Entry) -> tuple[IPAddress, ...]:
+        error = v4.error or v6.error
+        if error is not None:
+            raise DnsFailure(f"{name}: {error}")
+        if not v6.addresses:
+            if not v4.addresses:
+                raise DnsFailure(f"{name}: no A or AAAA records")
+            return v4.addresses
+        return tuple(_interleave([*v4.addresses, *v6.addresses])) if v4.addresses else v6.addresses
 
-    async def _query(self, name: str, started: float) -> _Entry:
+    async def _query(self, name: str, started: float) -> _Pair:
         """One lookup on its own task, so a client that goes away does not cancel it for the others waiting."""
         try:
             return await self._query_records(name)
         finally:
             self._metrics.dns_seconds.observe(time.perf_counter() - started)
 
-    async def _query_records(self, name: str) -> _Entry:
+    async def _query_records(self, name: str) -> _Pair:
+        """Query the families not cached now; store what was learnt unless a seed landed meanwhile."""
         qname = name + "."
+        now = self._clock()
+        known = {family: self._fresh(name, family, now) for family in (4, 6)}
+        missing = [family for family, entry in known.items() if entry is None]
         results = await asyncio.gather(
-            self._resolver.resolve(qname, "A", raise_on_no_answer=False, search=False),
-            self._resolver.resolve(qname, "AAAA", raise_on_no_answer=False, search=False),
+            *(self._resolver.resolve(qname, _RDTYPES[f], raise_on_no_answer=False, search=False) for f in missing),
             return_exceptions=True,
         )
-        addresses: list[IPAddress] = []
+        found: dict[int, list[IPAddress]] = {}
         ttls: list[float] = []
         errors: list[BaseException] = []
-        for result in results:
+        for family, result in zip(missing, results, strict=True):
             if isinstance(result, dns.resolver.NXDOMAIN):
                 entry = _Entry(self._clock() + self._min_ttl, (), "the name does not exist (NXDOMAIN)")
-                self._store(name, entry)
-                return entry
+                return self._keep(name, {f: entry for f in missing}, known)
             if isinstance(result, BaseException):
                 if not isinstance(result, dns.exception.DNSException):
                     raise result
                 errors.append(result)
                 continue
+            found[family] = []
             if result.rrset is not None:
                 ttls.append(result.rrset.ttl)
-                addresses.extend(ipaddress.ip_address(r.address) for r in result.rrset)
-        if not addresses:
+                found[family].extend(ipaddress.ip_address(r.address) for r in result.rrset)
+        if not any(found.values()) and not any(e is not None and e.addresses for e in known.values()):
             raise DnsFailure(f"{name}: {_describe(errors) if errors else 'no A or AAAA records'}")
-        ttl = min(max(min(ttls), self._min_ttl), self._max_ttl)
-        entry = _Entry(self._clock() + ttl, tuple(_interleave(addresses)))
-        self._store(name, entry)
-        return entry
+        expires = self._clock() + min(max(min(ttls, default=self._min_ttl), self._min_ttl), self._max_ttl)
+        return self._keep(name, {f: _Entry(expires, tuple(found.get(f, ()))) for f in missing}, known)
 
-    def _store(self, name: str, entry: _Entry) -> None:
-        if len(self._cache) >= MAX_CACHE_ENTRIES:
+    def _keep(self, name: str, learnt: dict[int, _Entry], known: dict[int, _Entry | None]) -> _Pair:
+        """Store the learnt entries, except where a seed arrived while the query was out; return (A, AAAA)."""
+        now = self._clock()
+        pair = []
+        for family in (4, 6):
+            entry = known[family]
+            if entry is None:
+                entry = self._fresh(name, family, now) or learnt[family]
+                if entry is learnt[family]:
+                    self._store((name, family), entry)
+            pair.append(entry)
+        return pair[0], pair[1]
+
+    def _store(self, key: tuple[str, int], entry: _Entry) -> None:
+        if key not in self._cache and len(self._cache) >= MAX_CACHE_ENTRIES:
             self._cache.pop(next(iter(self._cache)))
-        self._cache[name] = entry
+        self._cache[key] = entry
 
     async def pin(self, dest: Destination, allow_cidrs: tuple[IPNetwork, ...]) -> Pinned:
         """Resolve (unless dest is an IP literal) and classify every answer; candidates may come out empty."""

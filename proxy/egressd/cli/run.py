@@ -128,7 +128,7 @@ def config_from(args: argparse.Namespace) -> Config:
             args.transparent_listen, "transparent-listen", defaults.transparent_listen, 15001
         ),
         dns_listen=_addresses(args.dns_listen, "dns-listen", defaults.dns_listen, 15053),
-        dns_passthrough=tuple(passthrough) if passthrough else Config.dns_passthrough,
+        dns_passthrough=tuple(passthrough) if passthrough else _DEFAULTS["dns-passthrough"],
         dns_audit=args.dns_audit,
         mode=Mode(args.mode) if args.mode else None,
         allow_cidrs=tuple(cidrs),

@@ -10,7 +10,10 @@ Zone semantics, for a question ``name``/``type``:
 1. ``name`` absent from the zone: NXDOMAIN.
 2. :class:`Servfail`: SERVFAIL.
 3. :class:`Slow`: as for its ``addresses``, sent ``delay`` seconds later.
-4. Addresses: the IPv4 ones answer A, the IPv6 ones AAAA; any other type, or
+4. :class:`Records`: the records of the question's type among them (any type
+   dnspython can read, e.g. an HTTPS record with an ``ech`` SvcParam); none is
+   NOERROR with no data.
+5. Addresses: the IPv4 ones answer A, the IPv6 ones AAAA; any other type, or
    a family the name has no address in, is NOERROR with no data.
 
 Answers carry the AA flag and the server's TTL. Names are compared lower case,
@@ -28,15 +31,17 @@ from typing import cast
 import dns.exception
 import dns.flags
 import dns.message
+import dns.name
 import dns.opcode
 import dns.rcode
+import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
 from egressd.lab._serving import IDLE_TIMEOUT, STOP_TIMEOUT, TaskSet, check_loopback, run_connection
 
-__all__ = ["Answer", "DnsServer", "Servfail", "Slow", "respond"]
+__all__ = ["Answer", "DnsServer", "Records", "Servfail", "Slow", "respond"]
 
 _UDP_DEFAULT_SIZE = 512  # RFC 1035 limit for a UDP answer when the query has no EDNS
 _BIND_ATTEMPTS = 20  # tries at finding a port free for both UDP and TCP
@@ -60,7 +65,22 @@ class Slow:
         _parse_addresses(self.addresses)
 
 
-Answer = tuple[str, ...] | Servfail | Slow
+@dataclass(frozen=True, slots=True)
+class Records:
+    """Answer with these records, each ``(type, rdata text)``: ``("HTTPS", '1 . alpn="h2" ech="AEn+..."')``."""
+
+    records: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        for rdtype, text in self.records:
+            dns.rdata.from_text(dns.rdataclass.IN, rdtype, text)  # raises on a record dnspython cannot read
+
+    def rrset(self, name: dns.name.Name, rdtype: int, ttl: int) -> dns.rrset.RRset | None:
+        texts = [text for kind, text in self.records if dns.rdatatype.from_text(kind) == rdtype]
+        return dns.rrset.from_text(name, ttl, "IN", rdtype, *texts) if texts else None
+
+
+Answer = tuple[str, ...] | Servfail | Slow | Records
 _Answered = tuple[dns.message.Message, dns.message.Message, float]  # query, response, delay
 
 
@@ -73,7 +93,7 @@ def _parse_addresses(addresses: Sequence[str]) -> list[ipaddress.IPv4Address | i
 def _check_entry(name: str, answer: Answer) -> None:
     if name != name.lower().rstrip("."):
         raise ValueError(f"zone name {name!r} must be lower case without a trailing dot")
-    if not isinstance(answer, (Servfail, Slow)):
+    if not isinstance(answer, (Servfail, Slow, Records)):
         try:
             _parse_addresses(answer)
         except ValueError as exc:
@@ -100,6 +120,12 @@ def respond(query: dns.message.Message, zone: Mapping[str, Answer], ttl: int) ->
         return response, 0.0
     if isinstance(answer, Servfail):
         response.set_rcode(dns.rcode.SERVFAIL)
+        return response, 0.0
+    if isinstance(answer, Records):
+        response.flags |= dns.flags.AA
+        rrset = answer.rrset(question.name, question.rdtype, ttl) if question.rdclass == dns.rdataclass.IN else None
+        if rrset is not None:
+            response.answer.append(rrset)
         return response, 0.0
     delay, addresses = (answer.delay, answer.addresses) if isinstance(answer, Slow) else (0.0, answer)
     response.flags |= dns.flags.AA
@@ -130,7 +156,9 @@ def _udp_wire(query: dns.message.Message, response: dns.message.Message) -> byte
 class DnsServer:
     """Serves ``zone`` (mutable: tests change it between lookups) over UDP and TCP on one loopback port.
 
-    ``queries`` lists ``(name, type)`` of every query received, in order.
+    ``queries`` lists ``(name, type)`` of every query received, in order;
+    ``received`` the same queries whole, with the transport they came over
+    (``("udp", message)``), for tests that look at flags and EDNS options.
     """
 
     def __init__(self, zone: Mapping[str, Answer], ttl: int = 30) -> None:
@@ -141,6 +169,7 @@ class DnsServer:
         self.zone: dict[str, Answer] = dict(zone)
         self.ttl = ttl
         self.queries: list[tuple[str, str]] = []
+        self.received: list[tuple[str, dns.message.Message]] = []
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._tasks = TaskSet()
@@ -186,12 +215,13 @@ class DnsServer:
     def port(self) -> int:
         return self.address[1]
 
-    def answer(self, wire: bytes) -> _Answered | None:
+    def answer(self, wire: bytes, transport: str = "udp") -> _Answered | None:
         """Parse, record and answer one query; None if it does not parse."""
         try:
             query = dns.message.from_wire(wire)
         except dns.exception.DNSException:
             return None
+        self.received.append((transport, query))
         if len(query.question) == 1:
             self.queries.append((question_name(query), dns.rdatatype.to_text(query.question[0].rdtype)))
         try:
@@ -213,12 +243,12 @@ class DnsServer:
             async with asyncio.timeout(IDLE_TIMEOUT):
                 length = int.from_bytes(await reader.readexactly(2), "big")
                 wire = await reader.readexactly(length)
-            answered = self.answer(wire)
+            answered = self.answer(wire, "tcp")
             if answered is None:
                 return
             _, response, delay = answered
             await asyncio.sleep(delay)
-            writer.write(response.to_wire(prepend_length=True))
+            writer.write(response.to_wire(prepend_length=True, max_size=65535))
             await writer.drain()
 
 

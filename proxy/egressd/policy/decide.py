@@ -1,4 +1,8 @@
-"""The policy decision: a pure function from (policy, service, destination) to a Decision."""
+"""The policy decisions: pure functions from (policy, service, destination or name) to a Decision.
+
+:func:`decide` is for a connection (a host or IP and a port); :func:`decide_name`
+for a DNS query, which names a host and no port.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from egressd.hostport import Destination
 from egressd.policy.match import RuleSet
 from egressd.policy.model import AUDITABLE_REASONS, TLS_PORT, Decision, Mode, Policy, Reason, Rule, Verdict
 
-__all__ = ["decide"]
+__all__ = ["decide", "decide_name", "passthrough_suffix"]
 
 
 def decide(policy: Policy, service: str | None, dest: Destination, mode: Mode | None = None) -> Decision:
@@ -50,6 +54,54 @@ def decide(policy: Policy, service: str | None, dest: Destination, mode: Mode | 
             Verdict.ALLOW, decision.reason, decision.rule, would_deny=True, tls_required=dest.port == TLS_PORT
         )
     return decision
+
+
+def decide_name(
+    policy: Policy, service: str | None, name: str, passthrough: tuple[str, ...] = (), mode: Mode | None = None
+) -> Decision:
+    """Decide whether the DNS filter may ask upstream about ``name`` for ``service``; the first step that applies wins.
+
+    ``name`` is canonical (from :func:`egressd.hostport.normalize_host`);
+    ``passthrough`` holds canonical suffixes (``--dns-passthrough``).
+
+    1. A global deny host rule matches -> DENY ``denylisted``. Neither audit mode
+       nor a pass-through suffix softens this.
+    2. ``name`` is a pass-through suffix or ends with ``.`` + one (whole labels
+       only: ``evilcluster.local`` is not under ``cluster.local``) -> ALLOW
+       ``passthrough``, no rule: the allowlist is not consulted.
+    3. No service identity, or a service with no allowlist file -> DENY ``no_identity``.
+    4. A host rule of the service, then of the global file, matches, whatever
+       its ports -> ALLOW ``allowed`` with that rule.
+    5. Otherwise DENY ``not_allowlisted``; when the effective mode (``mode`` when
+       given, else the service file's) is audit -> ALLOW ``not_allowlisted``
+       with ``would_deny=True``.
+
+    An IP literal (a query for ``1.2.3.4``) matches no host rule: step 5.
+    """
+    denied = policy.global_deny.match_host(name)
+    if denied:
+        return Decision(Verdict.DENY, Reason.DENYLISTED, denied[0])
+    if passthrough and passthrough_suffix(name, passthrough) is not None:
+        return Decision(Verdict.ALLOW, Reason.PASSTHROUGH)
+    service_policy = policy.services.get(service) if service else None
+    if service_policy is None:
+        return Decision(Verdict.DENY, Reason.NO_IDENTITY)
+    for rules in (service_policy.allow, policy.global_allow):
+        matched = rules.match_host(name)
+        if matched:
+            return Decision(Verdict.ALLOW, Reason.ALLOWED, matched[0])
+    effective = mode if mode is not None else service_policy.mode
+    if effective is Mode.AUDIT:
+        return Decision(Verdict.ALLOW, Reason.NOT_ALLOWLISTED, would_deny=True)
+    return Decision(Verdict.DENY, Reason.NOT_ALLOWLISTED)
+
+
+def passthrough_suffix(name: str, suffixes: tuple[str, ...]) -> str | None:
+    """The first suffix that ``name`` equals or lies under on a label boundary, else None (all canonical)."""
+    for suffix in suffixes:
+        if name == suffix or (name.endswith(suffix) and name[-len(suffix) - 1] == "."):
+            return suffix
+    return None
 
 
 def _match(rules: RuleSet, dest: Destination) -> tuple[Rule, ...]:
