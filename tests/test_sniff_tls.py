@@ -169,17 +169,18 @@ def test_accepts_bytearray_and_memoryview(kind) -> None:
 
 
 def test_ech_outer_hello_reports_public_name() -> None:
-    """With an ECH extension the SNI reported is the outer (public) name, which the caller will not match."""
+    """With an ECH extension the SNI reported is the outer (public) name, and the result says ech."""
     data = frame(hello_message(sni_ext((0, b"public.ech-provider.net")) + ext(0xFE0D, b"\x00" + os.urandom(80))))
-    assert parse_client_hello(data).sni == "public.ech-provider.net"
+    assert parse_client_hello(data) == ClientHello(OK, "public.ech-provider.net", len(data), ech=True)
 
 
 def test_chrome_like_hellos_parse() -> None:
-    """Chrome-shaped hellos of about 520 and 1,800 bytes (with a post-quantum key share) parse OK."""
+    """Chrome-shaped hellos of about 520 and 1,800 bytes (with a post-quantum key share and GREASE ECH) parse OK."""
     small, big = chrome_like("www.google.com"), chrome_like("www.google.com", post_quantum=True)
     assert 500 <= len(small) <= 560 and 1700 <= len(big) <= 1900
     for data in (small, big):
-        assert parse_client_hello(data) == ClientHello(OK, "www.google.com", len(data), alpn=("h2", "http/1.1"))
+        expected = ClientHello(OK, "www.google.com", len(data), alpn=("h2", "http/1.1"), ech=True)
+        assert parse_client_hello(data) == expected
 
 
 # ---------------------------------------------------------------- table of named cases
@@ -281,12 +282,55 @@ def test_result_is_valid_by_construction() -> None:
         ClientHello(MALFORMED, sni="a.example")
 
 
+# ---------------------------------------------------------------- ECH
+
+_ECH_OUTER = b"\x00\x00\x01\x00\x01\x5b" + vec(2, bytes(32)) + vec(2, bytes(160))  # outer ECHClientHello, GREASE-like
+ECH_CASES = [
+    pytest.param(hello(_A), "a.example", False, id="no-ech"),
+    pytest.param(hello(_A + ext(0xFE0D, _ECH_OUTER)), "a.example", True, id="ech-after-sni"),
+    pytest.param(hello(ext(0xFE0D, _ECH_OUTER) + _A), "a.example", True, id="ech-before-sni"),
+    pytest.param(hello(ext(0xFE0D, b"")), None, True, id="ech-empty-body-no-sni"),
+    pytest.param(hello(ext(0xFE0D, b"\x01")), None, True, id="ech-inner-marker"),
+    pytest.param(frame(hello_message(_A + ext(0xFE0D, _ECH_OUTER)), (7, 60, 200)), "a.example", True,
+                 id="ech-fragmented"),
+    pytest.param(hello(_A + ext(0xFE02, b"\x00")), "a.example", False, id="older-draft-type-0xfe02"),
+    pytest.param(hello(_A + ext(0xFF0D, b"\x00")), "a.example", False, id="near-miss-0xff0d"),
+    pytest.param(hello(_A + ext(0xFD00, b"\x00")), "a.example", False, id="ech_outer_extensions-0xfd00"),
+]
+
+
+@pytest.mark.parametrize(("data", "sni", "ech"), ECH_CASES)
+def test_ech_flag(data: bytes, sni: str | None, ech: bool) -> None:
+    """The ech flag is set exactly when extension 0xfe0d is present, wherever it sits, whatever its body."""
+    result = parse_client_hello(data)
+    assert (result.status, result.sni, result.ech) == (OK, sni, ech)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [hello(_A + ext(0xFE0D, b"") + ext(0xFE0D, b"")), hello(_A + b"\xfe\x0d\x00")],
+    ids=["ech-twice", "ech-truncated"],
+)
+def test_malformed_hello_with_ech_carries_no_flag(data: bytes) -> None:
+    """A malformed hello is MALFORMED with ech False, even when it names the ECH extension."""
+    result = parse_client_hello(data)
+    assert (result.status, result.ech) == (MALFORMED, False)
+
+
+def test_ech_needs_a_complete_hello() -> None:
+    """A prefix of a hello with ECH is NEED_MORE with no flag; a NEED_MORE result carrying ech cannot be built."""
+    data = hello(_A + ext(0xFE0D, _ECH_OUTER))
+    assert parse_client_hello(data[:-1]) == ClientHello(NEED_MORE)
+    with pytest.raises(ValueError):
+        ClientHello(NEED_MORE, ech=True)
+
+
 # ---------------------------------------------------------------- hypothesis
 
 LABEL = st.from_regex(r"[A-Za-z0-9]([A-Za-z0-9-]{0,20}[A-Za-z0-9])?", fullmatch=True).filter(
     lambda s: not s.lower().startswith("xn--"))
 NAME = st.lists(LABEL, min_size=1, max_size=5).map(".".join)
-OTHER_EXT = st.tuples(st.integers(1, 0xFFFF).filter(lambda t: t != 16), st.binary(max_size=40))
+OTHER_EXT = st.tuples(st.integers(1, 0xFFFF).filter(lambda t: t not in (16, 0xFE0D)), st.binary(max_size=40))
 
 
 @st.composite
@@ -370,6 +414,7 @@ def test_oracle_agrees_on_built_hellos(mitm_parse, built: tuple[bytes, str, tupl
     ours, theirs = parse_client_hello(data), mitm_parse(data)
     assert ours.sni == theirs.sni
     assert ours.alpn == tuple(p.decode("latin-1") for p in theirs.alpn_protocols)
+    assert ours.ech == any(ext_type == 0xFE0D for ext_type, _ in theirs.extensions)
 
 
 @pytest.mark.parametrize("alpn", [(), ("h2", "http/1.1")], ids=["no-alpn", "alpn"])
@@ -384,6 +429,8 @@ def test_oracle_agrees_on_real_hellos(mitm_parse, name: str | None, tls12: bool,
 
 
 def test_oracle_agrees_on_chrome_like_hellos(mitm_parse) -> None:
-    """For Chrome-shaped hellos, with and without a post-quantum key share, our SNI equals mitmproxy's."""
+    """For Chrome-shaped hellos, with and without a post-quantum key share, our SNI and ECH flag equal mitmproxy's."""
     for data in (chrome_like("www.google.com"), chrome_like("www.google.com", post_quantum=True)):
-        assert parse_client_hello(data).sni == mitm_parse(data).sni == "www.google.com"
+        ours, theirs = parse_client_hello(data), mitm_parse(data)
+        assert ours.sni == theirs.sni == "www.google.com"
+        assert ours.ech is any(ext_type == 0xFE0D for ext_type, _ in theirs.extensions) is True

@@ -216,26 +216,35 @@ class Engine:
         rec.decision = "allow"
         return decision
 
-    async def connect(self, rec: Record, dest: Destination) -> Side:
-        """Resolve and pin dest's addresses, dial them in order, return the connected upstream Side."""
+    async def connect(self, rec: Record, dest: Destination, original: IPAddress | None = None) -> Side:
+        """Resolve and pin dest's addresses, dial them in order, return the connected upstream Side.
+
+        ``original``: the address a redirected client dialled (transparent listener); the record says
+        whether egressd's own answer held it. When it is one of the allowed answers it is tried first (the
+        client's choice of family and front end is kept); otherwise it is never dialled."""
         pinned = await self.resolver.pin(dest, self._allow_cidrs())
         rec.resolved = [ip_text(ip) for ip in pinned.resolved]
         rec.dns_ms = pinned.dns_ms
+        candidates = pinned.candidates
+        if original is not None:
+            rec.original_dst_in_answer = original in pinned.resolved
+            if original in candidates and candidates[0] != original:
+                candidates = (original, *(ip for ip in candidates if ip != original))
         if pinned.refused:
             refused = "; ".join(c.describe() for c in pinned.refused)
-            if not pinned.candidates:
+            if not candidates:
                 raise Denied(Reason.FORBIDDEN_ADDRESS, f"{dest.host} resolves only to refused addresses: {refused}")
             rec.note("refused " + refused)
         deadline = time.monotonic() + self.config.connect_timeout
         timed_out = False
         errors = []
         started = time.perf_counter()
-        for n, ip in enumerate(pinned.candidates):
+        for n, ip in enumerate(candidates):
             left = deadline - time.monotonic()
             if left <= 0:
                 timed_out = True
                 break
-            remaining = len(pinned.candidates) - n
+            remaining = len(candidates) - n
             budget = left if remaining == 1 else max(min(left, 0.25), left / remaining)
             try:
                 async with asyncio.timeout(budget):

@@ -5,7 +5,10 @@ host (checked in :func:`egressd.sniff.target.parse_target`), the policy decides,
 the name is resolved and pinned, and the request goes to the origin in
 origin-form without hop-by-hop headers. Messages are parsed by llhttp
 (:mod:`egressd.sniff.http`); heads are written here, bodies pass through as
-they arrive, re-chunked when they were chunked.
+they arrive, re-chunked when they were chunked. The transparent listener hands
+it origin-form requests named by their Host header on the port the client
+dialled (:func:`egressd.sniff.target.parse_origin_target`), each checked the
+same way.
 
 Framing towards the client follows the origin's where it can: a Content-Length
 body passes as is; a chunked or close-delimited body is sent chunked to an
@@ -34,6 +37,7 @@ import asyncio
 from egressd.audit import Record
 from egressd.connection import Engine
 from egressd.errors import BadRequest, ClientGone, UpstreamFailure, UpstreamTimeout
+from egressd.hostport import IPAddress
 from egressd.listeners.httpio import CLOSED, LAST_CHUNK, chunk, next_event, serialize
 from egressd.relay import Side
 from egressd.sniff.http import NO_BODY_STATUSES, Head, RequestParser, ResponseParser, forward_headers
@@ -79,14 +83,18 @@ class _Batch:
 class Forwarder:
     """The plain-HTTP side of one client connection, with at most one kept-alive upstream."""
 
-    def __init__(self, engine: Engine, client: Side, requests: RequestParser) -> None:
+    def __init__(
+        self, engine: Engine, client: Side, requests: RequestParser, original: IPAddress | None = None
+    ) -> None:
+        """``original``: the address a redirected client dialled (transparent listener), for the records."""
         self.engine = engine
         self.client = client
         self.requests = requests
+        self.original = original
         self.key: tuple[str, int] | None = None
         self.upstream: Side | None = None
         self.responses: ResponseParser | None = None
-        self.pinned: tuple[str | None, list[str]] = (None, [])
+        self.pinned: tuple[str | None, list[str], bool | None] = (None, [], None)
 
     async def exchange(self, rec: Record, head: Head, target: Target) -> str:
         """Forward one request and its response; return :data:`NEXT`, :data:`DONE` or :data:`SPLICED`."""
@@ -97,12 +105,12 @@ class Forwarder:
         key = (dest.host, dest.port)
         if self.upstream is None or self.key != key or self.upstream.eof:
             self.close()
-            self.upstream = await self.engine.connect(rec, dest)
+            self.upstream = await self.engine.connect(rec, dest, self.original)
             self.responses = ResponseParser(RESPONSE_HEAD_LIMIT)
             self.key = key
-            self.pinned = (rec.upstream, rec.resolved)
+            self.pinned = (rec.upstream, rec.resolved, rec.original_dst_in_answer)
         else:
-            rec.upstream, rec.resolved = self.pinned
+            rec.upstream, rec.resolved, rec.original_dst_in_answer = self.pinned
         upstream, responses = self.upstream, self.responses
         assert responses is not None
         line = head.method + b" " + target.path + b" HTTP/1.1\r\n"

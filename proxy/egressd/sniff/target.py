@@ -12,6 +12,12 @@ Origin-form (``GET /path``), ``https://`` absolute-form and asterisk-form are
 refused with 400 and a message saying what to send instead. A refused request
 that named a valid destination carries it in the error's ``dest``, for the
 record.
+
+A request that reached egressd through an iptables redirect (the transparent
+listener) is the other way round: it is in origin-form, as sent to an origin,
+and only its Host header names the destination, on the port the client dialled
+(:func:`parse_origin_target`). A Host naming another port is ``host_mismatch``;
+a request without Host names nothing (``no_name``).
 """
 
 from __future__ import annotations
@@ -91,3 +97,36 @@ def check_host_header(head: Head, dest: Destination) -> None:
         raise Denied(
             Reason.HOST_MISMATCH, f"Host header {value!r} does not name the requested {dest.authority}", dest=dest
         )
+
+
+def parse_origin_target(head: Head, port: int) -> Target:
+    """The Target of a request redirected to egressd on a connection to ``port``: Host's name on that port.
+
+    The target must be in origin-form (``/path``); a Host without a port names
+    ``port``, one with another port is Denied(host_mismatch); no Host at all is
+    Denied(no_name); several Host headers or one that is not a host[:port] are
+    BadRequest. The path is forwarded as sent.
+    """
+    if head.method == b"CONNECT" or not head.target.startswith(b"/"):
+        target = head.target.decode("ascii", "replace")
+        raise BadRequest(
+            f"{head.method.decode('ascii', 'replace')} {target}: egressd received this request in place of the "
+            "origin, so it must be in origin-form (GET /path with a Host header)"
+        )
+    hosts = [value for name, value in head.headers if name == b"host"]
+    if not hosts:
+        raise Denied(Reason.NO_NAME, "the request has no Host header, so it names no destination")
+    if len(hosts) != 1:
+        raise BadRequest(f"expected exactly one Host header, got {len(hosts)}")
+    value = hosts[0].decode("ascii", "replace")
+    try:
+        named = parse_authority(value, default_port=port)
+    except BadDestination as exc:
+        raise BadRequest(f"Host header {value!r}: {exc}") from None
+    if named.port != port:
+        raise Denied(
+            Reason.HOST_MISMATCH,
+            f"Host header {value!r} names port {named.port} but the connection was made to port {port}",
+            dest=Destination(named.host, port, named.ip),
+        )
+    return Target(named, connect=False, path=head.target)

@@ -3,7 +3,9 @@
 After answering ``200`` to ``CONNECT host:443`` the proxy reads the client's
 first bytes and calls :func:`parse_client_hello` with the whole buffer so far,
 each time more bytes arrive. No byte goes upstream until the result is ``OK``
-and its ``sni`` equals the CONNECT host (the caller normalises and compares)::
+and its ``sni`` equals the CONNECT host (the caller normalises and compares).
+The transparent listener parses a redirected connection's first bytes the
+same way, and the SNI is then the name it decides::
 
     buffer ──▶ record layer ──▶ handshake message ──▶ ClientHello body ──▶ extensions
                type 22, v3.x,   type 1, uint24 len,   version, random,     server_name (0)
@@ -24,6 +26,7 @@ What is parsed (RFC 8446 5.1 and 4.1.2, RFC 6066 3, RFC 7301 3.1):
 * server_name: a non-empty list of ``name_type(1) name<1..2^16-1>``; one
   host_name (type 0) at most, visible ASCII only (0x21-0x7e); other name
   types are skipped. ALPN: a non-empty list of non-empty protocol names.
+  encrypted_client_hello: only its presence is reported (``ech``).
 
 Hard cases, all tested:
 
@@ -37,10 +40,14 @@ Hard cases, all tested:
   is any repeated extension type (RFC 8446 4.2).
 * SSLv2-compatible hellos (first byte with the high bit set) carry no SNI:
   ``NOT_TLS``.
-* ECH (Encrypted Client Hello): the outer hello's SNI is the provider's
-  public name, not the real destination, so it will not equal the CONNECT
-  host and the proxy denies. That is intended: we cannot check what we
-  cannot read.
+* ECH (Encrypted Client Hello, extension ``encrypted_client_hello``,
+  0xfe0d): the outer hello's SNI is the provider's public name, not the real
+  destination. The result says ``ech=True`` and reports that outer SNI, which
+  the caller decides like any other: through CONNECT it will not equal the
+  CONNECT host and the proxy denies; the transparent listener decides the
+  outer name itself. That is intended: we cannot check what we cannot read.
+  Browsers send GREASE ECH (a random extension of that type) to most sites,
+  so the flag alone must never refuse a connection.
 
 Limits: ``max_size`` bounds the bytes the hello may occupy (records included)
 and the hello may span at most ``MAX_RECORDS`` records, so one call costs
@@ -65,6 +72,7 @@ _CLIENT_HELLO = 1
 _MAX_RECORD_LEN = 2**14 + 2048
 _EXT_SERVER_NAME = 0
 _EXT_ALPN = 16
+_EXT_ECH = 0xFE0D  # encrypted_client_hello (draft-ietf-tls-esni)
 _HOST_NAME = 0
 _VISIBLE_ASCII = bytes(range(0x21, 0x7F))
 _FIRST_RECORD = struct.Struct("!BHHI").unpack_from  # type, version, length; handshake type << 24 | length
@@ -82,19 +90,21 @@ class HelloStatus(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class ClientHello:
-    """The result of one parse: a status, and for ``OK`` the SNI, ALPN and bytes consumed."""
+    """The result of one parse: a status, and for ``OK`` the SNI, ALPN, bytes consumed and whether the
+    hello carried an encrypted_client_hello extension (``ech``; its ``sni`` is then the outer, public name)."""
 
     status: HelloStatus
     sni: str | None = None
     consumed: int = 0
     detail: str = ""
     alpn: tuple[str, ...] = ()
+    ech: bool = False
 
     def __post_init__(self) -> None:
         if (self.status is HelloStatus.OK) != (self.consumed > 0):
             raise ValueError(f"consumed={self.consumed} is inconsistent with status {self.status.name}")
-        if self.status is not HelloStatus.OK and (self.sni is not None or self.alpn):
-            raise ValueError(f"a {self.status.name} result carries no sni or alpn")
+        if self.status is not HelloStatus.OK and (self.sni is not None or self.alpn or self.ech):
+            raise ValueError(f"a {self.status.name} result carries no sni, alpn or ech")
 
 
 class _Malformed(Exception):
@@ -109,9 +119,9 @@ def parse_client_hello(data: bytes | bytearray | memoryview, max_size: int = 655
 
     ``data`` is everything the client has sent so far. The result is
     ``NEED_MORE`` until a whole ClientHello is present, then ``OK`` with the
-    raw host_name (``None`` without a server_name extension) and ``consumed``,
-    the length of the records that hold it; or ``NOT_TLS``/``MALFORMED`` with
-    a short ``detail``.
+    raw host_name (``None`` without a server_name extension), ``consumed``,
+    the length of the records that hold it, and ``ech``; or
+    ``NOT_TLS``/``MALFORMED`` with a short ``detail``.
     """
     view = memoryview(data)
     if view.format != "B" or not view.c_contiguous:
@@ -121,10 +131,10 @@ def parse_client_hello(data: bytes | bytearray | memoryview, max_size: int = 655
         if isinstance(framed, ClientHello):
             return framed
         body, consumed = framed
-        sni, alpn = _parse_body(body)
+        sni, alpn, ech = _parse_body(body)
     except _Malformed as exc:
         return ClientHello(HelloStatus.MALFORMED, detail=str(exc))
-    return ClientHello(HelloStatus.OK, sni=sni, consumed=consumed, alpn=alpn)
+    return ClientHello(HelloStatus.OK, sni=sni, consumed=consumed, alpn=alpn, ech=ech)
 
 
 def _not_tls(view: memoryview) -> ClientHello | None:
@@ -213,8 +223,8 @@ def _handshake_length(fragments: list[memoryview], max_size: int) -> int:
     return need
 
 
-def _parse_body(body: memoryview) -> tuple[str | None, tuple[str, ...]]:
-    """Check the fixed ClientHello fields; return (sni, alpn) from the extensions, if any."""
+def _parse_body(body: memoryview) -> tuple[str | None, tuple[str, ...], bool]:
+    """Check the fixed ClientHello fields; return (sni, alpn, ech) from the extensions, if any."""
     n = len(body)
     if n < 35:
         raise _Malformed(f"ClientHello body of {n} bytes is too short for version and random")
@@ -237,15 +247,15 @@ def _parse_body(body: memoryview) -> tuple[str | None, tuple[str, ...]]:
     if pos > n:
         raise _Malformed("compression_methods runs past the ClientHello")
     if pos == n:
-        return None, ()
+        return None, (), False
     block = _u16(body, pos, "extensions")
     if pos + 2 + block != n:
         raise _Malformed(f"extensions block says {block} bytes but {n - pos - 2} remain")
     return _parse_extensions(body, pos + 2, n)
 
 
-def _parse_extensions(body: memoryview, pos: int, n: int) -> tuple[str | None, tuple[str, ...]]:
-    """Walk the extension block; reject repeated types; decode server_name and ALPN.
+def _parse_extensions(body: memoryview, pos: int, n: int) -> tuple[str | None, tuple[str, ...], bool]:
+    """Walk the extension block; reject repeated types; decode server_name and ALPN; note ECH.
 
     The walk only records where each extension starts (this loop is the hot
     path); a header cut short raises struct.error, a body running past the
@@ -268,7 +278,7 @@ def _parse_extensions(body: memoryview, pos: int, n: int) -> tuple[str | None, t
         raise _Malformed(f"extension 0x{twice:04x} appears twice")
     sni = _server_name(_ext_body(body, types, starts, _EXT_SERVER_NAME)) if _EXT_SERVER_NAME in types else None
     alpn = _alpn(_ext_body(body, types, starts, _EXT_ALPN)) if _EXT_ALPN in types else ()
-    return sni, alpn
+    return sni, alpn, _EXT_ECH in types
 
 
 def _ext_body(body: memoryview, types: list[int], starts: list[int], ext_type: int) -> memoryview:
