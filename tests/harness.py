@@ -54,14 +54,15 @@ class ProxyProcess:
         env: dict[str, str] | None = None,
         wrap: list[str] | None = None,
         stdout: int = subprocess.DEVNULL,
+        command: str = "run",
     ) -> None:
-        """``wrap`` is a command prefix (prlimit, a private mount namespace); without ``audit_path`` the records
-        go to ``stdout``."""
+        """``wrap`` is a command prefix (prlimit, a private mount namespace, ``ip netns exec``); without
+        ``audit_path`` the records go to ``stdout``; ``command`` is ``run`` or ``sidecar``."""
         self.audit_path = audit_path
         self.stderr_lines: list[str] = []
         self._lines: queue.Queue[str | None] = queue.Queue()
         to_file = ["--audit-log", str(audit_path)] if audit_path is not None else []
-        cmd = [*(wrap or []), sys.executable, "-m", "egressd", "run", *to_file, *args]
+        cmd = [*(wrap or []), sys.executable, "-m", "egressd", command, *to_file, *args]
         self.proc = subprocess.Popen(
             cmd, stdout=stdout, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})}
         )
