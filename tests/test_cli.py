@@ -104,3 +104,13 @@ def test_demo_runs_offline_and_exits_0():
     for reason in ("allowed", "not_allowlisted", "port_not_allowed", "sni_mismatch", "forbidden_address"):
         assert f'"reason": "{reason}"' in out.stdout
     assert 'egressd_denials_total{reason="forbidden_address",service="payments-api"} 1.0' in out.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the sidecar demo makes network namespaces and iptables rules: root")
+def test_demo_sidecar_runs_in_a_simulated_pod_and_exits_0():
+    """egressd demo --sidecar shows every way out of the pod refused or allowed as expected, and exits 0."""
+    out = egressd("demo", "--sidecar", timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "8/8 outcomes as expected" in out.stdout
+    for reason in ("allowed", "not_allowlisted", "no_name"):
+        assert f'"reason": "{reason}"' in out.stdout

@@ -10,29 +10,17 @@ re-admitted with ``--allow-cidr``.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import shutil
-import sys
-import tempfile
-import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from egressd.lab import DnsServer, HttpOrigin, LabThread, TlsOrigin, make_ca
-from egressd.lab.netns import DOC_CIDRS, NET_V4, NET_V6, Pod, enter
+from egressd.lab.netns import NET_V4, NET_V6, call_in
+from egressd.lab.pod import BANNER, DECOY_IP, PUBLIC_DNS, SSH_IP, PodLab
 from harness import ProxyProcess, http_get, wait_for, write_allowlists
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and iptables need root")
 
-APP = 65534  # the app's UID: anything but the proxy's
-KUBE_DNS = "203.0.113.53"  # the cluster DNS the pod's resolv.conf names
-PUBLIC_DNS = "203.0.113.8"  # a resolver the app might try instead
-DECOY_IP = "198.51.100.20"  # an address no allowed name resolves to
-SSH_IP = "198.51.100.30"  # a server-first service with no name, allowed by a cidr: rule
 NAMES = ("api.allowed.test", "evil.test", "dns.public.test")
 ZONE = {
     "api.allowed.test": (NET_V4, NET_V6),
@@ -54,95 +42,21 @@ allow:
 PY = "/usr/bin/python3"  # readable by the app's UID (the interpreter under /root is not)
 
 
-def in_netns(name: str, fn: Callable[..., Any], *args: Any) -> Any:
-    """Call fn(*args) on a thread inside network namespace ``name``; return its result."""
-    result: list[Any] = []
-    error: list[BaseException] = []
-
-    def main() -> None:
-        try:
-            enter(name)
-            result.append(fn(*args))
-        except BaseException as exc:  # handed to the caller
-            error.append(exc)
-
-    thread = threading.Thread(target=main)
-    thread.start()
-    thread.join(30)
-    if error:
-        raise error[0]
-    return result[0]
-
-
-class Banner(asyncio.Protocol):
-    """A server-first service: says its banner at once, then echoes."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        transport.write(b"SSH-2.0-lab\r\n")  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        self.transport.write(data)  # type: ignore[attr-defined]
-
-
-class Sink(asyncio.DatagramProtocol):
-    """Counts the UDP datagrams that reach it."""
+class World(PodLab):
+    """The pod lab with the sidecar running (through the test harness, which reads its records and logs)."""
 
     def __init__(self) -> None:
-        self.count = 0
-
-    def datagram_received(self, data: bytes, addr: tuple) -> None:
-        self.count += 1
-
-
-class World:
-    """The pod, the net, the lab servers in it, and the running sidecar."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.pod = Pod(extra_net_addresses=[KUBE_DNS, PUBLIC_DNS, DECOY_IP, SSH_IP])
-        self.lab = LabThread(netns=self.pod.net.name).start()
-        ca = make_ca()
-        self.ca_file = root / "ca.pem"
-        ca.cert_pem.write_to_path(str(self.ca_file))
-        self.ca_file.chmod(0o644)
-        self.dns = self.lab.serve(DnsServer(ZONE, ttl=30), host=KUBE_DNS, port=53)
-        self.public = self.lab.serve(DnsServer(dict.fromkeys(ZONE, (DECOY_IP,)), ttl=30), host=PUBLIC_DNS, port=53)
-        self.origin4 = self.lab.serve(TlsOrigin(ca, NAMES, label="origin-v4"), host=NET_V4, port=443)
-        self.origin6 = self.lab.serve(TlsOrigin(ca, NAMES, label="origin-v6"), host=NET_V6, port=443)
-        self.decoy = self.lab.serve(TlsOrigin(ca, NAMES, label="decoy"), host=DECOY_IP, port=443)
-        self.web = self.lab.serve(HttpOrigin(label="web"), host=NET_V4, port=80)
-        loop = self.lab.loop
-        self.banner = self.lab.run(loop.create_server(Banner, SSH_IP, 22))
-        self.sink = Sink()
-        self.lab.run(loop.create_datagram_endpoint(lambda: self.sink, local_addr=(NET_V4, 443)))
-        self.pod.pod.set_resolv_conf(KUBE_DNS)
-        self.allowlists = write_allowlists(root / "allowlists", {"payments-api.yaml": ALLOWLIST})
+        super().__init__(ZONE, NAMES)
+        self.allowlists = write_allowlists(self.root / "allowlists", {"payments-api.yaml": ALLOWLIST})
         self.proxy: ProxyProcess | None = None
 
-    def init_iptables(self, *extra: str) -> str:
-        out = self.pod.pod.run([sys.executable, "-m", "egressd", "init-iptables", "--proxy-uid", "0", *extra])
-        assert out.returncode == 0, out.stderr
-        return out.stdout
-
     def start_sidecar(self) -> ProxyProcess:
-        args = [
-            "--service", "payments-api", "--allowlists", str(self.allowlists),
-            *(flag for cidr in DOC_CIDRS for flag in ("--allow-cidr", cidr)),
-            "--hello-timeout", "2", "--reload-interval", "0.1",
-        ]
+        args = self.sidecar_args("payments-api", self.allowlists, "--hello-timeout", "2")
         self.proxy = ProxyProcess(args, self.root / "audit.jsonl", wrap=self.pod.pod.command([]), command="sidecar")
         return self.proxy
 
-    def app(self, *cmd: str, timeout: float = 20, **kw: Any) -> Any:
-        """Run cmd in the pod as the app (no proxy settings)."""
-        return self.pod.pod.run(list(cmd), user=APP, timeout=timeout, **kw)
-
-    def curl(self, *args: str) -> Any:
-        return self.app("curl", "-sS", "--max-time", "8", "--cacert", str(self.ca_file), *args)
-
     def metric(self, name: str, **labels: str) -> float:
-        text = in_netns(self.pod.pod.name, http_get, ("127.0.0.1", 15020), "/metrics")[1]
+        text = call_in(self.pod.pod.name, http_get, ("127.0.0.1", 15020), "/metrics")[1]
         for line in text.splitlines():
             if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
                 return float(line.rsplit(" ", 1)[1])
@@ -158,22 +72,19 @@ class World:
     def close(self) -> None:
         if self.proxy is not None:
             self.proxy.stop()
-        self.lab.stop()
-        self.pod.close()
+        super().close()
 
 
 @pytest.fixture(scope="module")
 def world() -> Iterator[World]:
-    root = Path(tempfile.mkdtemp(prefix="egressd-sidecar-"))
-    root.chmod(0o755)  # the app (UID 65534) reads the CA file here
-    made = World(root)
+    made = World()
     try:
-        made.init_iptables()
+        out = made.init_iptables()
+        assert out.returncode == 0, out.stderr
         made.start_sidecar()
         yield made
     finally:
         made.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_allowed_name_works_over_ipv4_and_ipv6(world):
@@ -259,7 +170,7 @@ def test_raw_ip_without_a_name_is_refused_unless_a_cidr_rule_allows_it(world):
     rec = world.wait_record(lambda r: r["original_dst"] == f"{NET_V4}:8443")
     assert (rec["decision"], rec["reason"]) == ("deny", "no_name")
     out = world.app(PY, "-c", script, SSH_IP, "22", "wait")
-    assert out.stdout.strip() == repr(b"SSH-2.0-lab\r\n"), out
+    assert out.stdout.strip() == repr(BANNER), out
     rec = world.wait_record(lambda r: r["original_dst"] == f"{SSH_IP}:22")
     assert (rec["decision"], rec["rule"] is not None) == ("allow", True)
 

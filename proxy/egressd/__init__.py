@@ -12,14 +12,21 @@ listener
     an audit log that cannot be written) and reads the request head with
     llhttp (CONNECT host:port, or an absolute-form URL, whose requests
     :mod:`egressd.listeners.forward` handles one by one, a WebSocket upgrade
-    becoming a tunnel). Later listeners (transparent, DNS) sit beside it.
+    becoming a tunnel). In a pod, :mod:`egressd.listeners.transparent` takes
+    the connections the rules of :mod:`egressd.iptables` redirect (the original
+    destination from ``SO_ORIGINAL_DST``, the name from the first bytes, sorted
+    by :mod:`egressd.sniff.first`), and :mod:`egressd.listeners.dns` with
+    :mod:`egressd.dnsfilter` answers the app's DNS: names the policy allows are
+    forwarded (their answers seed the resolver), all others get NXDOMAIN and an
+    ``egress.dns`` record.
 identify
     :meth:`egressd.connection.Engine.who` asks the identity step which service
     the client is (fixed per process for now: ``--service``).
 sniff
     Pure parsers, bytes in, value out: :mod:`egressd.sniff.http` (HTTP/1.x
     messages through llhttp), :mod:`egressd.sniff.target` (request target, Host
-    binding), :mod:`egressd.sniff.tls` (ClientHello SNI);
+    binding), :mod:`egressd.sniff.tls` (ClientHello SNI, ECH),
+    :mod:`egressd.sniff.dns` (DNS messages);
     :mod:`egressd.hostport` normalises every name once (IDNA, case, trailing
     dot, canonical IP literals).
 decide
@@ -45,8 +52,11 @@ audit + metrics
 
 Around it: :mod:`egressd.app` (start, signals, drain), :mod:`egressd.reload`
 (SIGHUP and file changes, last good policy kept), :mod:`egressd.admin`
-(``/metrics``, ``/healthz``, ``/readyz``), :mod:`egressd.cli`, and
-:mod:`egressd.demo` with the loopback stand-ins of :mod:`egressd.lab`.
+(``/metrics``, ``/healthz``, ``/readyz``), :mod:`egressd.cli` (one module per
+subcommand group: ``run``/``sidecar``, ``validate``/``check``,
+``init-iptables``), and :mod:`egressd.demo` with the stand-ins of
+:mod:`egressd.lab` (on loopback, or in the simulated pod of
+:mod:`egressd.lab.netns`).
 """
 
 __version__ = "0.1.0"

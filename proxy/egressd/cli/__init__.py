@@ -5,7 +5,7 @@
 ``egressd sidecar``   ``run`` with the defaults of a container injected into a pod
 ``egressd validate``  load an allowlists directory, list every error, exit 1 if any (:mod:`egressd.cli.policy`)
 ``egressd check``     decide one destination for one service: exit 0 allow, 1 deny
-``egressd demo``      the offline demo (its own DNS server and HTTPS origins)
+``egressd demo``      the offline demo (its own DNS server and HTTPS origins; ``--sidecar``: in a simulated pod)
 ``egressd init-iptables``  install the pod's iptables rules, in an init container (:mod:`egressd.cli.iptables`)
 """
 
@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     iptables.add_parser(sub)
     demo = sub.add_parser("demo", help="run the offline demo and print each decision")
     demo.add_argument("--serve", action="store_true", help="keep the demo proxy up for your own curl -x")
+    demo.add_argument("--sidecar", action="store_true",
+                      help="sidecar mode in a simulated pod: init-iptables, egressd sidecar, an app with no proxy "
+                      "settings (root)")
     demo.add_argument("--listen", default="127.0.0.1:3128", help="proxy address with --serve")
     demo.add_argument("--allowlists", default=env_default("allowlists", "allowlists"))
     return parser
@@ -46,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
             return policy.cmd_check(args)
         if args.command == "init-iptables":
             return iptables.cmd_init(args)
+        if args.command == "demo" and args.sidecar:
+            from egressd import demo_sidecar
+
+            return demo_sidecar.main(Path(args.allowlists))
         if args.command == "demo":
             from egressd import demo
 

@@ -28,9 +28,11 @@ import shutil
 import socket
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
+T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 POD_V4, NET_V4 = "198.51.100.2", "198.51.100.1"
 POD_V6, NET_V6 = "2001:db8::2", "2001:db8::1"
@@ -52,26 +54,31 @@ def enter(name: str) -> None:
         os.close(fd)
 
 
-def socket_in(name: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
-    """A socket made inside network namespace ``name``: it stays there, whichever thread then uses it
-    (made by a short-lived thread, since entering a namespace is for good)."""
-    made: list[socket.socket | BaseException] = []
+def call_in(name: str, fn: Callable[..., T], *args: object, timeout: float = 30) -> T:
+    """fn(*args) on a short-lived thread inside network namespace ``name`` (entering one is for good, so never
+    on the caller's thread); its result, or its exception raised here."""
+    outcome: list[object] = []
 
-    def make() -> None:
+    def main() -> None:
         try:
             enter(name)
-            made.append(socket.socket(family, kind))
+            outcome.append(fn(*args))
         except BaseException as exc:  # handed to the caller below
-            made.append(exc)
+            outcome.append(exc)
 
-    thread = threading.Thread(target=make, name=f"egressd-socket-{name}", daemon=True)
+    thread = threading.Thread(target=main, name=f"egressd-in-{name}", daemon=True)
     thread.start()
-    thread.join(10)
-    if not made:
-        raise RuntimeError(f"no socket made in namespace {name} within 10 s")
-    if isinstance(made[0], BaseException):
-        raise made[0]
-    return made[0]
+    thread.join(timeout)
+    if not outcome:
+        raise TimeoutError(f"{getattr(fn, '__name__', fn)} did not return within {timeout}s in namespace {name}")
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]  # type: ignore[return-value]
+
+
+def socket_in(name: str, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket made inside network namespace ``name``: it stays there, whichever thread then uses it."""
+    return call_in(name, socket.socket, family, kind, timeout=10)
 
 
 def _ip(*args: str) -> None:
