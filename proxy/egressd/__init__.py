@@ -9,8 +9,9 @@ listener
     :class:`egressd.relay.Side`, takes its address from the accepted socket,
     lets :meth:`egressd.connection.Engine.admit` refuse it (503: connection
     caps, per client IP, the file-descriptor room of :mod:`egressd.fdlimit`,
-    an audit log that cannot be written) and reads the request head with
-    llhttp (CONNECT host:port, or an absolute-form URL, whose requests
+    an audit log that cannot be written) and reads the request heads with
+    llhttp in the loop of :mod:`egressd.listeners.requests` (CONNECT
+    host:port, or an absolute-form URL, whose requests
     :mod:`egressd.listeners.forward` handles one by one, a WebSocket upgrade
     becoming a tunnel). In a pod, :mod:`egressd.listeners.transparent` takes
     the connections the rules of :mod:`egressd.iptables` redirect (the original

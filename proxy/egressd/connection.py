@@ -167,6 +167,7 @@ class Engine:
         if follows is not None:
             rec = Record(follows.conn_id, time.time(), follows.client, listener, follows.service)
             rec.request = (follows.request or 1) + 1
+            rec.original_dst = follows.original_dst
         else:
             rec = Record(self._prefix + str(next(self._ids)), time.time(), who.address, listener, who.service)
         policy = self.policy.current

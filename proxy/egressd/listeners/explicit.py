@@ -1,9 +1,10 @@
 """The explicit proxy listener: HTTP CONNECT tunnels and absolute-form plain HTTP.
 
 Each accepted client gets a :class:`~egressd.relay.Side` and one task running
-:func:`serve_client`. Request heads are parsed by llhttp (httptools, see
-:mod:`egressd.sniff.http`); the request line names the destination, and the
-shared steps of :mod:`egressd.connection` do the rest:
+:func:`serve_client`, the request loop of :mod:`egressd.listeners.requests`.
+Request heads are parsed by llhttp (httptools, see :mod:`egressd.sniff.http`);
+the request line names the destination, and the shared steps of
+:mod:`egressd.connection` do the rest:
 
 ``CONNECT host:port``
     authorize → resolve+pin → dial → ``200`` → on TLS ports, the first client
@@ -28,13 +29,11 @@ import structlog
 
 from egressd.audit import Record
 from egressd.connection import Client, Engine
-from egressd.errors import BadRequest, Denied, ProxyError
+from egressd.errors import Denied
 from egressd.hostport import BadDestination, Destination, normalize_host
-from egressd.listeners.forward import DONE, SPLICED, Forwarder
-from egressd.listeners.httpio import CLOSED, next_event, whole_response
+from egressd.listeners.requests import error_response, serve_requests
 from egressd.policy.model import Reason
 from egressd.relay import Side
-from egressd.sniff.http import Head, RequestParser
 from egressd.sniff.target import Target, parse_target
 from egressd.sniff.tls import HelloStatus, parse_client_hello
 
@@ -44,108 +43,10 @@ log = structlog.get_logger("egressd.explicit")
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
 
-def error_response(status: int, reason: Reason, body: bytes) -> bytes:
-    headers = [(b"X-Egressd-Reason", reason.value.encode()), (b"Content-Type", b"text/plain; charset=utf-8")]
-    return whole_response(status, headers, body)
-
-
 async def serve_client(engine: Engine, client: Side, who: Client) -> None:
-    """Serve one client connection: a CONNECT tunnel, or plain HTTP requests each with its record.
-
-    A spliced tunnel outlives this task: its record then belongs to
-    :meth:`Engine.splice`, which emits it when both connections are gone.
-    """
+    """Serve one client connection: a CONNECT tunnel, or plain HTTP requests each with its record."""
     rec = engine.open(who, LISTENER)
-    requests = RequestParser(engine.config.max_header_bytes)
-    forwarder = None
-    spliced = False
-    try:
-        first = True
-        while True:
-            head = await read_head(engine, client, requests, first)
-            if head is None:
-                if not first:
-                    rec.emitted = True  # the client ended a kept-alive connection: no request, no record
-                else:
-                    rec.note("the client closed the connection before sending a request")
-                return
-            rec.protocol = "connect" if head.method == b"CONNECT" else "http"
-            if not first and (refused := engine.audit_refusal()) is not None:  # a kept-alive connection's next
-                raise refused
-            first = False
-            target = parse_target(head)
-            if target.connect:
-                if forwarder is not None:  # plain HTTP first, then CONNECT: its upstream is done with
-                    forwarder.close()
-                    forwarder = None
-                client.buffer[:0] = requests.rest  # the tunnel's first bytes, sent right behind the head
-                await tunnel(engine, rec, client, target)
-                spliced = True
-                return
-            if forwarder is None:
-                forwarder = Forwarder(engine, client, requests)
-            outcome = await forwarder.exchange(rec, head, target)
-            if outcome is SPLICED:
-                spliced = True
-                return
-            if outcome is DONE:
-                return
-            rec = engine.open(who, LISTENER, follows=rec)
-    except ProxyError as exc:
-        answered = rec.status is not None
-        if exc.dest is not None and rec.host is None:
-            rec.host, rec.port = exc.dest.host, exc.dest.port
-        engine.fail(rec, exc)
-        if answered and rec.protocol == "http":  # a response cut short: a reset, never a clean end of stream
-            client.reset()
-        elif answered:  # 200 to CONNECT went out: no error answer can follow it
-            client.close()
-        else:
-            client.write(error_response(exc.status, exc.reason, engine.denial_body(rec, exc)))
-            client.linger()
-    except asyncio.CancelledError:
-        rec.note("the proxy shut down")
-        client.abort()
-        raise
-    except Exception as exc:  # a bug must cost one connection, never the process; the record still goes out
-        log.exception("connection.internal_error", conn_id=rec.conn_id)
-        rec.decision = "deny"
-        rec.note(f"internal error: {type(exc).__name__}: {exc}")
-        client.abort()
-    finally:
-        if not spliced:
-            if forwarder is not None:
-                forwarder.close()
-            engine.close(rec)
-            if not client.lingering:
-                client.close()
-
-
-async def read_head(engine: Engine, client: Side, requests: RequestParser, first: bool) -> Head | None:
-    """The next request head; None when the client closes cleanly between requests.
-
-    The first request must arrive within header_timeout; a kept-alive connection
-    may wait idle_timeout for its next request, then header_timeout for its head.
-    """
-    cfg = engine.config
-    loop = asyncio.get_running_loop()
-    if not first and not requests.events and not client.buffer and not client.eof:
-        try:
-            await client.read_more(loop.time() + cfg.idle_timeout)
-        except TimeoutError:
-            return None
-    timeout = cfg.header_timeout
-    event = await next_event(
-        client, requests, loop.time() + timeout,
-        stalled=lambda: BadRequest(f"no complete request head within {timeout:g}s", status=408),
-    )
-    if event is CLOSED:
-        if requests.in_head:
-            raise BadRequest("the client closed the connection in the middle of its request head")
-        return None
-    if not isinstance(event, Head):
-        raise BadRequest("request body bytes where a request head was expected")
-    return event
+    await serve_requests(engine, client, who, rec, listener=LISTENER, parse=parse_target, tunnel=tunnel)
 
 
 async def tunnel(engine: Engine, rec: Record, client: Side, target: Target) -> None:

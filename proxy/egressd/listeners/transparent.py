@@ -58,13 +58,11 @@ from egressd.audit import Record
 from egressd.connection import Client, Engine
 from egressd.errors import BadRequest, Denied, ProxyError
 from egressd.hostport import BadDestination, Destination, IPAddress, ip_text, join_host_port, parse_authority
-from egressd.listeners.explicit import error_response, read_head
-from egressd.listeners.forward import DONE, SPLICED, Forwarder
+from egressd.listeners.requests import serve_requests
 from egressd.policy.decide import decide
 from egressd.policy.model import Decision, Reason
 from egressd.relay import Side
 from egressd.sniff.first import First, classify
-from egressd.sniff.http import RequestParser
 from egressd.sniff.target import parse_origin_target
 from egressd.sniff.tls import ClientHello, HelloStatus, parse_client_hello
 
@@ -306,58 +304,11 @@ async def tunnel(engine: Engine, rec: Record, client: _Client, dest: Destination
 async def serve_http(engine: Engine, client: _Client, who: Client, rec: Record) -> None:
     """Plain HTTP requests, each named by its Host on the original port and decided again, as the explicit
     listener forwards them; one record each."""
-    requests = RequestParser(engine.config.max_header_bytes)
-    forwarder = Forwarder(engine, client, requests, client.original[0])
-    original_dst = rec.original_dst
     port = client.original[1]
-    spliced = False
-    try:
-        first = True
-        while True:
-            head = await read_head(engine, client, requests, first)
-            if head is None:
-                if not first:
-                    rec.emitted = True  # the client ended a kept-alive connection: no request, no record
-                else:
-                    rec.note("the client closed the connection before sending a request")
-                return
-            if not first and (refused := engine.audit_refusal()) is not None:
-                raise refused
-            first = False
-            outcome = await forwarder.exchange(rec, head, parse_origin_target(head, port))
-            if outcome is SPLICED:
-                spliced = True
-                return
-            if outcome is DONE:
-                return
-            rec = engine.open(who, LISTENER, follows=rec)
-            rec.original_dst = original_dst
-            rec.protocol = "http"
-    except ProxyError as exc:
-        answered = rec.status is not None
-        if exc.dest is not None and rec.host is None:
-            rec.host, rec.port = exc.dest.host, exc.dest.port
-        engine.fail(rec, exc)
-        if answered:  # a response cut short: a reset, never a clean end of stream
-            client.reset()
-        else:
-            client.write(error_response(exc.status, exc.reason, engine.denial_body(rec, exc)))
-            client.linger()
-    except asyncio.CancelledError:
-        rec.note("the proxy shut down")
-        client.abort()
-        raise
-    except Exception as exc:  # a bug must cost one connection, never the process; the record still goes out
-        log.exception("connection.internal_error", conn_id=rec.conn_id)
-        rec.decision = "deny"
-        rec.note(f"internal error: {type(exc).__name__}: {exc}")
-        client.abort()
-    finally:
-        if not spliced:
-            forwarder.close()
-            engine.close(rec)
-            if not client.lingering:
-                client.close()
+    await serve_requests(
+        engine, client, who, rec, listener=LISTENER, parse=lambda head: parse_origin_target(head, port),
+        original=client.original[0],
+    )
 
 
 async def start(engine: Engine, host: str, port: int) -> asyncio.Server:
