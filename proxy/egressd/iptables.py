@@ -27,6 +27,7 @@ and removes it in the same transaction, so applying twice gives the same rules a
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,13 @@ BACKENDS = ("auto", "nft", "legacy")
 IPV6_CONF = Path("/proc/sys/net/ipv6/conf")
 _MULTIPORT_MAX = 15  # ports one -m multiport rule can hold
 _MAX_UID = 2**32 - 2  # (uid_t)-1 means "no user"
+
+
+def cidr_text(net: IPNetwork) -> str:
+    """``address/prefix`` as the C library writes it (``::ffff:0.0.0.0/96``), the same on every Python
+    (3.13 changed how :mod:`ipaddress` prints IPv4-mapped IPv6 addresses)."""
+    family = socket.AF_INET6 if net.version == 6 else socket.AF_INET
+    return f"{socket.inet_ntop(family, net.network_address.packed)}/{net.prefixlen}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +143,7 @@ def _raw(rules: PodRules, family: int) -> list[str]:
         f"-A EGRESSD_OUTPUT -p udp --dport 53 {_owner(rules.proxy_uid)} {direct}",
         f"-A EGRESSD_OUTPUT -o lo -p udp --sport 53 {direct}",
         *(f"-A EGRESSD_OUTPUT -p udp --dport 53 {_owner(uid)} {direct}" for uid in rules.exclude_uids),
-        *(f"-A EGRESSD_OUTPUT -d {cidr} -p udp --dport 53 {direct}" for cidr in rules.cidrs(family)),
+        *(f"-A EGRESSD_OUTPUT -d {cidr_text(cidr)} -p udp --dport 53 {direct}" for cidr in rules.cidrs(family)),
         f"-A EGRESSD_OUTPUT -p udp --dport 53 {redirected}",
         f"-A EGRESSD_PREROUTING -p udp --sport 53 {direct}",
     ]
@@ -143,7 +151,7 @@ def _raw(rules: PodRules, family: int) -> list[str]:
 
 def _untouched(rules: PodRules, family: int) -> list[str]:
     """Match specs of what egressd leaves alone whatever the protocol: the excluded UIDs and CIDRs."""
-    return [_owner(uid) for uid in rules.exclude_uids] + [f"-d {cidr}" for cidr in rules.cidrs(family)]
+    return [_owner(uid) for uid in rules.exclude_uids] + [f"-d {cidr_text(cidr)}" for cidr in rules.cidrs(family)]
 
 
 def _nat(rules: PodRules, family: int) -> list[str]:
