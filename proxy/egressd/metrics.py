@@ -33,6 +33,8 @@ RELOADS = ("policy_reloads_total", "Policy loads by result.", ("result",))
 LOADED_AT = ("policy_loaded_timestamp_seconds", "Unix time the policy in force was loaded.", ())
 DNS_QUERIES = ("dns_queries_total", "Queries to the DNS filter by outcome.", ("service", "decision", "reason"))
 DNS_UPSTREAM_SECONDS = ("dns_upstream_seconds", "Time the DNS filter waited for its upstream resolvers.", ())
+IDENTITY = ("identity_total", "Identify steps by source and result.", ("source", "result"))
+JWKS_REFRESH = ("jwks_refresh_total", "Loads of the JWKS that verifies tokens, by result.", ("result",))
 DNS_CACHE = ("dns_cache_lookups_total", "Resolver cache lookups by result.", ("result",))
 AUDIT_ERRORS = ("audit_write_errors_total", "Failed writes of audit records (every retry counts).", ())
 AUDIT_PENDING = ("audit_pending_records", "Audit records emitted and not written yet.", ())
@@ -77,6 +79,8 @@ class Metrics:
         self.connect_seconds = Histogram()
         self.dns_upstream_seconds = Histogram()
         self.dns_queries: defaultdict[tuple[str, str, str], int] = defaultdict(int)
+        self.identity: defaultdict[tuple[str, str], int] = defaultdict(int)  # (source, result)
+        self.jwks_refresh: defaultdict[str, int] = defaultdict(int)  # result: success, error
         self.reloads: defaultdict[str, int] = defaultdict(int, success=0, error=0)
         self.dns_cache: defaultdict[str, int] = defaultdict(int)
         self.loaded_at = 0.0
@@ -97,7 +101,7 @@ class Metrics:
         if down:
             self.bytes[(service, "down")] += down
 
-    _SUMMED = ("connections", "denials", "active", "bytes", "dns_cache", "dns_queries")
+    _SUMMED = ("connections", "denials", "active", "bytes", "dns_cache", "dns_queries", "identity", "jwks_refresh")
     _HISTOGRAMS = ("dns_seconds", "connect_seconds", "dns_upstream_seconds")
 
     def snapshot(self) -> dict:
@@ -165,6 +169,8 @@ class Collector:
         yield _counter(RELOADS, {(k,): v for k, v in m.reloads.items()})
         yield _counter(DNS_CACHE, {(k,): v for k, v in m.dns_cache.items()})
         yield _counter(DNS_QUERIES, m.dns_queries)
+        yield _counter(IDENTITY, m.identity)
+        yield _counter(JWKS_REFRESH, {(k,): v for k, v in m.jwks_refresh.items()})
         yield GaugeMetricFamily(PREFIX + LOADED_AT[0], LOADED_AT[1], value=m.loaded_at)
         errors, pending, available = m.audit()
         yield CounterMetricFamily(PREFIX + AUDIT_ERRORS[0].removesuffix("_total"), AUDIT_ERRORS[1], value=errors)

@@ -50,6 +50,7 @@ class Reason(enum.Enum):
     NO_IDENTITY = "no_identity"
     OVERLOADED = "overloaded"
     AUDIT_UNAVAILABLE = "audit_unavailable"
+    BAD_IDENTITY = "bad_identity"  # credentials were presented and are not valid
     NO_NAME = "no_name"  # transparent: neither SNI nor an HTTP Host names the destination, and no cidr rule
     PASSTHROUGH = "passthrough"  # DNS filter: a name under a --dns-passthrough suffix, forwarded unchecked
 
