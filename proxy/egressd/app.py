@@ -24,6 +24,7 @@ from egressd.admin import Admin
 from egressd.audit import CLOSE_TIMEOUT, AuditLog
 from egressd.config import Config, system_resolvers
 from egressd.connection import Dial, Engine, PolicyHolder
+from egressd.identity.identify import Identifier
 from egressd.listeners import Listening, explicit
 from egressd.metrics import Metrics, registry_for
 from egressd.policy.loader import PolicyError
@@ -61,7 +62,11 @@ class Proxy:
         self.metrics.audit_source = self.audit.state
         self.unwritten = 0  # audit records shutdown could not write
         service = config.service
-        self.engine = Engine(config, self.holder, self.resolver, self.audit, self.metrics, lambda _peer: service, dial)
+        holder = self.holder
+        self.identifier = Identifier(
+            lambda: holder.current, fixed=service, sources=config.identity, metrics=self.metrics
+        )
+        self.engine = Engine(config, self.holder, self.resolver, self.audit, self.metrics, self.identifier, dial)
         self.engine.capacity, nofile = fdlimit.plan(config.max_connections)
         if self.engine.capacity < config.max_connections:
             log.warning(

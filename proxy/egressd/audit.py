@@ -59,6 +59,7 @@ STATUS = "status"
 ORIGINAL_DST = "original_dst"  # transparent: the address the client dialled (ip:port)
 ORIGINAL_DST_IN_ANSWER = "original_dst_in_answer"  # ... and whether egressd's own answer for the name held it
 ECH = "ech"  # the ClientHello carried encrypted_client_hello (decided on its outer SNI)
+IDENTITY = "identity"  # who the identify step found ({"source": "token", "namespace": ...}); null when fixed
 
 CONNECTION_EVENT = "egress.connection"
 
@@ -102,7 +103,7 @@ class Record:
         "conn_id", "started", "service", "client", "listener", "protocol", "host", "port", "sni",
         "decision", "would_deny", "reason", "detail", "rule", "policy_version", "resolved", "upstream",
         "bytes_up", "bytes_down", "duration_ms", "dns_ms", "connect_ms", "request", "status",
-        "original_dst", "original_dst_in_answer", "ech", "emitted",
+        "original_dst", "original_dst_in_answer", "ech", "identity", "emitted",
     )
 
     event = CONNECTION_EVENT
@@ -135,6 +136,7 @@ class Record:
         self.original_dst: str | None = None
         self.original_dst_in_answer: bool | None = None
         self.ech: bool | None = None
+        self.identity: dict[str, Any] | None = None
         self.emitted = False
 
     def note(self, text: str) -> None:
@@ -170,6 +172,7 @@ class Record:
             ORIGINAL_DST: self.original_dst,
             ORIGINAL_DST_IN_ANSWER: self.original_dst_in_answer,
             ECH: self.ech,
+            IDENTITY: self.identity,
         }
 
 

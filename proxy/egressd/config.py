@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from egressd.hostport import BadDestination, parse_ip
+from egressd.identity import SOURCES
 from egressd.policy.model import IPNetwork, Mode
 
 HostPort = tuple[str, int]
@@ -19,13 +20,23 @@ class ConfigError(ValueError):
 @dataclass(frozen=True, slots=True)
 class Config:
     allowlists: Path
-    service: str
+    service: str | None  # a fixed identity (the sidecar); None: identify each client by --identity
     listen: HostPort | None = ("127.0.0.1", 3128)  # the explicit listener; None: off
     admin_listen: HostPort | None = ("127.0.0.1", 15020)
     transparent_listen: tuple[HostPort, ...] = ()  # connections redirected by iptables (sidecar)
     dns_listen: tuple[HostPort, ...] = ()  # the DNS filter, UDP and TCP (sidecar)
     dns_passthrough: tuple[str, ...] = ("cluster.local",)  # suffixes the DNS filter always forwards
     dns_audit: str = "all"  # which DNS queries get a record: all, or denied only
+    identity: tuple[str, ...] = ("token", "cidr")  # identity sources in order, when there is no --service
+    token_issuer: str | None = None
+    token_audience: str = "egressd"
+    token_leeway: float = 30.0
+    jwks_file: str | None = None
+    jwks_url: str | None = None
+    jwks_ca: str | None = None
+    jwks_token_file: str | None = None
+    kubeconfig: str | None = None
+    pod_index_max_stale: float = 60.0
     mode: Mode | None = None
     allow_cidrs: tuple[IPNetwork, ...] = ()
     resolvers: tuple[HostPort, ...] = ()
@@ -63,12 +74,30 @@ class Config:
             )
         if not (self.listen or self.transparent_listen or self.dns_listen):
             raise ConfigError("every listener is off: give --listen, --transparent-listen or --dns-listen")
+        if self.service is None:
+            self._check_identity()
         if self.dns_audit not in ("all", "denied"):
             raise ConfigError("--dns-audit must be 'all' or 'denied'")
         if self.max_connections < 1 or self.max_connections_per_client < 1:
             raise ConfigError("--max-connections and --max-connections-per-client must be at least 1")
         if not 0 <= self.dns_min_ttl <= self.dns_max_ttl:
             raise ConfigError("--dns-min-ttl must be between 0 and --dns-max-ttl")
+
+    def _check_identity(self) -> None:
+        """Without --service, clients are identified by --identity; each source needs its settings."""
+        if not self.identity:
+            raise ConfigError("give --service NAME (a fixed identity, the sidecar) or --identity SOURCES (a gateway)")
+        unknown = [s for s in self.identity if s not in SOURCES]
+        if unknown or len(set(self.identity)) != len(self.identity):
+            raise ConfigError(f"--identity {','.join(self.identity)}: use each of {', '.join(SOURCES)} at most once")
+        if "token" in self.identity:
+            if not self.token_issuer:
+                raise ConfigError("the token identity needs --token-issuer (the iss of the cluster's tokens)")
+            if bool(self.jwks_file) == bool(self.jwks_url):
+                raise ConfigError("the token identity needs one of --jwks-file and --jwks-url (the keys that sign "
+                                  "the cluster's tokens)")
+        if self.token_leeway < 0 or self.pod_index_max_stale <= 0:
+            raise ConfigError("--token-leeway must not be negative and --pod-index-max-stale must be positive")
 
 
 def parse_hostport(text: str, what: str, default_port: int | None = None) -> HostPort:

@@ -24,6 +24,7 @@ from egressd.audit import AuditLog, Record
 from egressd.config import Config
 from egressd.errors import ClientGone, Denied, ProxyError, UpstreamFailure, UpstreamTimeout
 from egressd.hostport import Destination, IPAddress, ip_text, join_host_port
+from egressd.identity.identify import Identifier
 from egressd.metrics import Metrics
 from egressd.policy.decide import decide
 from egressd.policy.model import Decision, IPNetwork, Policy, Reason
@@ -32,7 +33,6 @@ from egressd.resolve import Resolver
 
 SO_PEERNAME = getattr(socket, "SO_PEERNAME", 28)  # Linux
 
-Identify = Callable[[tuple], "str | None"]
 Dial = Callable[[IPAddress, int], Awaitable[Side]]
 
 _REASON_TEXT = {
@@ -103,7 +103,7 @@ class Engine:
         resolver: Resolver,
         audit: AuditLog,
         metrics: Metrics,
-        identify: Identify,
+        identifier: Identifier,
         dial: Dial | None = None,
     ) -> None:
         self.config = config
@@ -111,7 +111,7 @@ class Engine:
         self.resolver = resolver
         self.audit = audit
         self.metrics = metrics
-        self.identify = identify
+        self.identifier = identifier
         self.dial = dial or dial_tcp
         self.sweeper = IdleSweeper(config.idle_timeout, time.monotonic)
         self.tasks: set[asyncio.Task] = set()
@@ -126,13 +126,28 @@ class Engine:
 
     # -- records --------------------------------------------------------------
     def who(self, client: Side) -> Client | None:
-        """The identify step: the client's address, taken once at accept, and the service it is (service None:
-        no identity, deny). None when the kernel cannot say who connected: such a connection is not served."""
+        """The client's address, taken once at accept, and its service when fixed (``--service``; else each
+        request is identified, see :meth:`identify`). None when the kernel cannot say who connected: such a
+        connection is not served."""
         peer = peer_address(client.transport)  # type: ignore[arg-type]
         if peer is None:
             return None
         ip = peer[0].split("%", 1)[0]
-        return Client(join_host_port(ip, peer[1]), ip, self.identify(peer))
+        fixed = self.identifier.fixed
+        return Client(join_host_port(ip, peer[1]), ip, fixed.service if fixed is not None else None)
+
+    def identify(self, rec: Record, ip: str, authorization: bytes | None = None) -> None:
+        """The identify step for one request (or connection): fill rec's service and identity, or raise the
+        refusal (``no_identity``, 407 asking for credentials, or ``bad_identity``). Nothing to do when fixed."""
+        if self.identifier.fixed is not None:
+            return
+        identity, service = self.identifier.identify(ip, authorization)
+        rec.service = service
+        rec.identity = identity.fields()
+
+    def service_of(self, peer: tuple) -> str | None:
+        """The service of a client known by its address alone (the DNS filter's clients)."""
+        return self.identifier.service_of(peer[0].split("%", 1)[0])
 
     def audit_refusal(self) -> ProxyError | None:
         """While audit records cannot be written nothing new is served: not a connection, not a request."""
@@ -165,7 +180,8 @@ class Engine:
     def open(self, who: Client, listener: str, follows: Record | None = None) -> Record:
         """A new record for a client connection; ``follows`` for the next request on the same connection."""
         if follows is not None:
-            rec = Record(follows.conn_id, time.time(), follows.client, listener, follows.service)
+            service = follows.service if self.identifier.fixed is not None else None  # else identified again
+            rec = Record(follows.conn_id, time.time(), follows.client, listener, service)
             rec.request = (follows.request or 1) + 1
             rec.original_dst = follows.original_dst
         else:

@@ -148,7 +148,7 @@ class Filter:
     def receive(self, wire: bytes, peer: tuple, send: Send, udp: bool) -> asyncio.Task[None] | None:
         """Answer one message from ``peer``; the task when the answer waits for upstream, else None (answered)."""
         engine = self.engine
-        rec = DnsRecord(time.time(), engine.identify(peer), join_host_port(peer[0].split("%", 1)[0], peer[1]))
+        rec = DnsRecord(time.time(), engine.service_of(peer), join_host_port(peer[0].split("%", 1)[0], peer[1]))
         query = read_query(wire)
         if isinstance(query, Bad):
             rec.rcode, rec.detail = query.rcode, query.detail

@@ -25,12 +25,20 @@ class ProxyError(Exception):
 
     status = 403
 
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # extra headers of the answer (407's Proxy-Authenticate)
+
     def __init__(
-        self, reason: Reason, message: str, status: int | None = None, dest: Destination | None = None
+        self,
+        reason: Reason,
+        message: str,
+        status: int | None = None,
+        dest: Destination | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         super().__init__(message)
         self.reason = reason
         self.dest = dest
+        self.headers = headers
         if status is not None:
             self.status = status
 

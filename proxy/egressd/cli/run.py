@@ -74,7 +74,27 @@ def add_run_flags(parser: argparse.ArgumentParser, defaults: Defaults) -> None:
     parser.add_argument("--dns-audit", choices=["all", "denied"], default=env_default("dns-audit", "all"),
                         help="which DNS queries get an egress.dns record (all)")
     parser.add_argument("--allowlists", default=env_default("allowlists", "allowlists"), help="allowlists directory")
-    parser.add_argument("--service", default=env_default("service"), help="the service this proxy serves")
+    parser.add_argument("--service", default=env_default("service"),
+                        help="a fixed identity: every client is this service (the sidecar); without it, --identity")
+    parser.add_argument("--identity", default=env_default("identity", "token,cidr"),
+                        help="identity sources, in order, when there is no --service: token, pod-ip, cidr (token,cidr)")
+    parser.add_argument("--token-issuer", default=env_default("token-issuer"),
+                        help="the iss of service-account tokens (required with the token source)")
+    parser.add_argument("--token-audience", default=env_default("token-audience", "egressd"),
+                        help="an aud tokens must carry (egressd)")
+    parser.add_argument("--token-leeway", type=float, default=env_default("token-leeway", "30"),
+                        help="seconds of clock skew allowed on exp, nbf and iat (30)")
+    parser.add_argument("--jwks-file", default=env_default("jwks-file"),
+                        help="the keys that sign tokens, a JWKS file (re-read on change)")
+    parser.add_argument("--jwks-url", default=env_default("jwks-url"),
+                        help="the keys that sign tokens, fetched and refreshed (the API server's /openid/v1/jwks)")
+    parser.add_argument("--jwks-ca", default=env_default("jwks-ca"), help="CA file to verify --jwks-url with")
+    parser.add_argument("--jwks-token-file", default=env_default("jwks-token-file"),
+                        help="a bearer token file sent to --jwks-url (re-read each time)")
+    parser.add_argument("--kubeconfig", default=env_default("kubeconfig"),
+                        help="the pod-ip source's API server (default: the in-cluster configuration)")
+    parser.add_argument("--pod-index-max-stale", type=float, default=env_default("pod-index-max-stale", "60"),
+                        help="seconds without a working list/watch after which pod-ip identifies no one (60)")
     parser.add_argument("--mode", choices=["enforce", "audit"], default=env_default("mode"),
                         help="override the mode of the service's allowlist")
     parser.add_argument("--allow-cidr", action="append", default=None,
@@ -107,8 +127,6 @@ def _address(text: str, name: str, default_port: int) -> HostPort | None:
 
 
 def config_from(args: argparse.Namespace) -> Config:
-    if not args.service:
-        raise ConfigError("--service is required (or EGRESSD_SERVICE): the service whose allowlist applies")
     defaults: Defaults = args.defaults
     cidrs = []
     for text in args.allow_cidr if args.allow_cidr is not None else env_list("allow-cidr"):
@@ -121,7 +139,17 @@ def config_from(args: argparse.Namespace) -> Config:
     extra = {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name in (*_FLOATS, *_INTS)}
     return Config(
         allowlists=Path(args.allowlists),
-        service=args.service,
+        service=args.service or None,
+        identity=tuple(t.strip() for t in args.identity.split(",") if t.strip()),
+        token_issuer=args.token_issuer,
+        token_audience=args.token_audience,
+        token_leeway=args.token_leeway,
+        jwks_file=args.jwks_file,
+        jwks_url=args.jwks_url,
+        jwks_ca=args.jwks_ca,
+        jwks_token_file=args.jwks_token_file,
+        kubeconfig=args.kubeconfig,
+        pod_index_max_stale=args.pod_index_max_stale,
         listen=_address(args.listen, "listen", 3128),
         admin_listen=_address(args.admin_listen, "admin-listen", 15020),
         transparent_listen=_addresses(

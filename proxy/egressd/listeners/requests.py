@@ -32,8 +32,9 @@ log = structlog.get_logger("egressd.requests")
 Tunnel = Callable[[Engine, Record, Side, Target], Awaitable[None]]
 
 
-def error_response(status: int, reason: Reason, body: bytes) -> bytes:
-    headers = [(b"X-Egressd-Reason", reason.value.encode()), (b"Content-Type", b"text/plain; charset=utf-8")]
+def error_response(status: int, reason: Reason, body: bytes, extra: tuple[tuple[bytes, bytes], ...] = ()) -> bytes:
+    """egressd's own answer: the status, ``X-Egressd-Reason``, ``extra`` headers and a one-line body."""
+    headers = [(b"X-Egressd-Reason", reason.value.encode()), *extra, (b"Content-Type", b"text/plain; charset=utf-8")]
     return whole_response(status, headers, body)
 
 
@@ -73,6 +74,8 @@ async def serve_requests(
             if not first and (refused := engine.audit_refusal()) is not None:  # a kept-alive connection's next
                 raise refused
             first = False
+            if engine.identifier.fixed is None:  # the gateway: every request is identified by its own credentials
+                engine.identify(rec, who.ip, head.get(b"proxy-authorization"))
             target = parse(head)
             if target.connect and tunnel is not None:
                 if forwarder is not None:  # plain HTTP first, then CONNECT: its upstream is done with
@@ -101,7 +104,7 @@ async def serve_requests(
         elif answered:  # 200 to CONNECT went out: no error answer can follow it
             client.close()
         else:
-            client.write(error_response(exc.status, exc.reason, engine.denial_body(rec, exc)))
+            client.write(error_response(exc.status, exc.reason, engine.denial_body(rec, exc), exc.headers))
             client.linger()
     except asyncio.CancelledError:
         rec.note("the proxy shut down")

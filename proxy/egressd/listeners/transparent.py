@@ -199,6 +199,8 @@ async def route(engine: Engine, rec: Record, client: _Client) -> bool:
     """Decide a connection by its original destination or first bytes; True when it speaks HTTP (nothing is
     decided yet), False once it is spliced. Raises ProxyError when refused (nothing went upstream)."""
     ip, port = client.original
+    if engine.identifier.fixed is None and client.who is not None:  # a gateway: by the client's address alone
+        engine.identify(rec, client.who.ip)
     if ip.is_loopback or ip.is_unspecified or client.local == (ip_text(ip), port):
         raise Denied(
             Reason.FORBIDDEN_ADDRESS,
