@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from egressd.policy import LoadError, Mode, PolicyError, load_policy, validate
+from egressd.policy import LoadError, Mode, PolicyError, ServiceIdentity, load_policy, validate
 
 ROOT = Path(__file__).resolve().parent.parent
 ERRORS = "tests/allowlist_errors"
@@ -17,6 +18,17 @@ _PSL = "would match every site registered under it; name a registrable domain, e
 _PORT = "is not a decimal number 1-65535 (no leading zeros or signs)"
 _ONLY_GLOBAL = "is allowed only in _global.yaml, the one global file; move it there"
 _ONE_OF = "an allow rule needs exactly one of host: and cidr: (write two rules for two destinations)"
+_NAMED_WITHIN = "(a service account is named within its namespace)"
+_NAMESPACE = (
+    'is not a Kubernetes namespace name (lower-case letters, digits and "-", starting and ending with a letter or '
+    'digit, at most 63 characters), e.g. "payments"'
+)
+_ACCOUNT = (
+    'is not a Kubernetes service account name (lower-case letters, digits, "-" and ".", each part between dots '
+    'starting and ending with a letter or digit, at most 253 characters), e.g. "payments-api"'
+)
+_ONE_SERVICE = "is one service's: remove it from one of the two files"
+_NARROW = "a client address is one service's: narrow or remove one of the ranges"
 
 # case directory -> every error, exactly as printed, relative to tests/allowlist_errors/
 CASES: dict[str, list[str]] = {
@@ -71,7 +83,7 @@ CASES: dict[str, list[str]] = {
     "not_utf8": ["not_utf8/payments-api.yaml:4: is not UTF-8 text; save the file as UTF-8"],
     "not_a_mapping": [
         "not_a_mapping/payments-api.yaml:1: an allowlist file must be a mapping with keys from: "
-        "version, service, mode, allow"
+        "version, service, mode, identities, allow"
     ],
     "duplicate_key": ['duplicate_key/payments-api.yaml:5: duplicate key "allow" (first on line 3); keep one of them'],
     "unknown_key": [
@@ -80,7 +92,7 @@ CASES: dict[str, list[str]] = {
     ],
     "unknown_top_key": [
         'unknown_top_key/payments-api.yaml:3: unknown key "allowed" in an allowlist file; '
-        "allowed keys are: version, service, mode, allow"
+        "allowed keys are: version, service, mode, identities, allow"
     ],
     "deny_in_service": [f"deny_in_service/payments-api.yaml:3: deny: {_ONLY_GLOBAL}"],
     "mode_on": ['mode_on/payments-api.yaml:3: mode "on" is not valid; write mode: enforce or mode: audit'],
@@ -151,6 +163,80 @@ CASES: dict[str, list[str]] = {
         "duplicate_allow_cidr/_global.yaml:5: allow_cidrs lists 10.96.0.0/12 twice; remove one",
         "duplicate_allow_cidr/_global.yaml:6: invalid allow_cidrs entry: 10.96.0.1/12 has host bits set; "
         "did you mean 10.96.0.0/12?",
+    ],
+    "identities_in_global": [
+        "identities_in_global/_global.yaml:3: identities: does not belong in _global.yaml; "
+        "list who a service is for in <service>.yaml"
+    ],
+    "identities_not_list": [
+        "identities_not_list/payments-api.yaml:4: identities must be a list; "
+        "write identities: [{namespace: NAMESPACE, serviceAccount: NAME}] or [] for none"
+    ],
+    "identity_unknown_key": [
+        'identity_unknown_key/payments-api.yaml:5: unknown key "name" in an identity; '
+        "allowed keys are: namespace, serviceAccount, cidr",
+        'identity_unknown_key/payments-api.yaml:7: key "serviceaccount" in an identity: '
+        "write serviceAccount: (as Kubernetes spells it)",
+    ],
+    "identity_namespace_only": [
+        "identity_namespace_only/payments-api.yaml:4: an identity with namespace: needs serviceAccount: too "
+        f"{_NAMED_WITHIN}; add serviceAccount: to it",
+        "identity_namespace_only/payments-api.yaml:5: an identity with serviceAccount: needs namespace: too "
+        f"{_NAMED_WITHIN}; add namespace: to it",
+    ],
+    "identity_cidr_and_account": [
+        "identity_cidr_and_account/payments-api.yaml:4: an identity is either namespace: with serviceAccount:, "
+        "or cidr:, not both; write two identities"
+    ],
+    "identity_neither": [
+        "identity_neither/payments-api.yaml:4: an identity needs namespace: and serviceAccount:, or cidr:",
+        "identity_neither/payments-api.yaml:5: an identity must be a mapping with keys from: "
+        "namespace, serviceAccount, cidr",
+    ],
+    "identity_bad_names": [
+        f'identity_bad_names/payments-api.yaml:4: namespace "Payments" {_NAMESPACE}',
+        f'identity_bad_names/payments-api.yaml:6: namespace "payments.prod" {_NAMESPACE}',
+        f'identity_bad_names/payments-api.yaml:9: serviceAccount "payments_api" {_ACCOUNT}',
+        "identity_bad_names/payments-api.yaml:11: serviceAccount is empty; give it a value",
+    ],
+    "identity_bad_cidr": [
+        "identity_bad_cidr/payments-api.yaml:4: invalid identity cidr: 10.20.0.0/33: "
+        "prefix length 33 is out of range 0-32 for IPv4",
+        "identity_bad_cidr/payments-api.yaml:5: invalid identity cidr: payments is not a CIDR; "
+        "write an IP address and prefix length, e.g. 10.0.0.0/8",
+        "identity_bad_cidr/payments-api.yaml:6: identity cidr 0.0.0.0/0 would make every client this service; "
+        "name the clients' network",
+        "identity_bad_cidr/payments-api.yaml:7: identity cidr ::/0 would make every client this service; "
+        "name the clients' network",
+        'identity_bad_cidr/payments-api.yaml:8: identity cidr "::ffff:10.20.0.0/120" is an IPv4-mapped IPv6 range; '
+        "write 10.20.0.0/24 (IPv4 clients are matched by their IPv4 address)",
+    ],
+    "identity_host_bits": [
+        "identity_host_bits/payments-api.yaml:4: invalid identity cidr: 10.20.0.1/24 has host bits set; "
+        "did you mean 10.20.0.0/24?",
+        "identity_host_bits/payments-api.yaml:5: invalid identity cidr: 2001:db8::1/64 has host bits set; "
+        "did you mean 2001:db8::/64?",
+    ],
+    "identity_account_twice": [
+        "identity_account_twice/payments-api.yaml:4: service account payments/payments-api is already an identity "
+        f"of service checkout-web ({ERRORS}/identity_account_twice/checkout-web.yaml:6); "
+        f"a service account {_ONE_SERVICE}"
+    ],
+    "identity_account_repeated": [
+        "identity_account_repeated/payments-api.yaml:6: service account payments/payments-api is listed twice "
+        "(first on line 4); remove one"
+    ],
+    "identity_cidr_overlap": [
+        "identity_cidr_overlap/payments-api.yaml:4: identity cidr 10.20.0.128/25 overlaps 10.20.0.0/24, an identity "
+        f"of service checkout-web ({ERRORS}/identity_cidr_overlap/checkout-web.yaml:4); {_NARROW}",
+        "identity_cidr_overlap/payments-api.yaml:6: identity cidr 2001:db8:20::/48 is already an identity of service "
+        f"checkout-web ({ERRORS}/identity_cidr_overlap/checkout-web.yaml:5); a client address {_ONE_SERVICE}",
+    ],
+    "identity_cidr_overlap_in_file": [
+        "identity_cidr_overlap_in_file/payments-api.yaml:5: identity cidr 10.20.7.0/24 overlaps 10.20.0.0/16 "
+        "on line 4 of this file; narrow or remove one of them",
+        "identity_cidr_overlap_in_file/payments-api.yaml:7: identity cidr 10.30.0.0/24 is listed twice "
+        "(first on line 6); remove one",
     ],
 }
 
@@ -281,3 +367,139 @@ def test_readme_error_examples_are_real(tmp_path: Path, monkeypatch: pytest.Monk
     assert [str(e) for e in validate("allowlists")] == quoted[:2]
     (tmp_path / "allowlists" / "payments-api.yaml").write_text(body + "  - host: api.stripe.com\n  - host: *.x.com\n")
     assert [str(e) for e in validate("allowlists")] == quoted[2:]
+
+
+def _account(line: int, namespace: str, serviceaccount: str) -> tuple[int, str | None, str | None, str | None]:
+    return (line, namespace, serviceaccount, None)
+
+
+def _range(line: int, cidr: str) -> tuple[int, str | None, str | None, str | None]:
+    return (line, None, None, cidr)
+
+
+# case -> (the identities: part of payments-api.yaml, starting on line 3; every entry as (line, ns, sa, cidr))
+IDENTITY_CASES: dict[str, tuple[str, list[tuple[int, str | None, str | None, str | None]]]] = {
+    "no identities key": ("", []),
+    "empty list": ("identities: []\n", []),
+    "service account": (
+        "identities:\n  - namespace: payments\n    serviceAccount: payments-api\n",
+        [_account(4, "payments", "payments-api")],
+    ),
+    "flow style, keys in any order": (
+        "identities: [{serviceAccount: payments-api, namespace: payments}, {cidr: 10.20.0.0/24}]\n",
+        [_account(3, "payments", "payments-api"), _range(3, "10.20.0.0/24")],
+    ),
+    "dotted service account, numeric namespace": (
+        "identities:\n  - namespace: '2024'\n    serviceAccount: api.v2-payments\n",
+        [_account(4, "2024", "api.v2-payments")],
+    ),
+    "several accounts of one namespace": (
+        "identities:\n  - namespace: payments\n    serviceAccount: api\n"
+        "  - namespace: payments\n    serviceAccount: worker\n  - namespace: batch\n    serviceAccount: api\n",
+        [_account(4, "payments", "api"), _account(6, "payments", "worker"), _account(8, "batch", "api")],
+    ),
+    "IPv4 and IPv6 ranges": (
+        "identities:\n  - cidr: 10.20.0.0/24\n  - cidr: 2001:DB8:20::/64\n",
+        [_range(4, "10.20.0.0/24"), _range(5, "2001:db8:20::/64")],
+    ),
+    "a bare address is one host": (
+        "identities:\n  - cidr: 10.20.0.7\n  - cidr: 2001:db8::7\n",
+        [_range(4, "10.20.0.7/32"), _range(5, "2001:db8::7/128")],
+    ),
+    "adjacent ranges do not overlap": (
+        "identities:\n  - cidr: 10.20.0.0/25\n  - cidr: 10.20.0.128/25\n  - cidr: 10.20.1.0/24\n",
+        [_range(4, "10.20.0.0/25"), _range(5, "10.20.0.128/25"), _range(6, "10.20.1.0/24")],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IDENTITY_CASES))
+def test_valid_identities(case: str, tmp_path: Path) -> None:
+    """A service file's identities: load into ServiceIdentity values, canonical and with their file:line."""
+    text, expected = IDENTITY_CASES[case]
+    path = tmp_path / "payments-api.yaml"
+    path.write_text(f"version: v1\nservice: payments-api\n{text}allow: []\n")
+    identities = load_policy(tmp_path).services["payments-api"].identities
+    assert identities == tuple(
+        ServiceIdentity(str(path), line, ns, sa, None if cidr is None else ipaddress.ip_network(cidr))
+        for line, ns, sa, cidr in expected
+    )
+    assert all(identity.source == f"{path}:{identity.line}" for identity in identities)
+
+
+# Kubernetes names: namespaces are DNS-1123 labels, service accounts DNS-1123 subdomains (at most 253 characters).
+NAMESPACES_OK = ["payments", "a", "a-1", "0", "a" * 63]
+NAMESPACES_BAD = ["a" * 64, "Payments", "-a", "a-", "a.b", "a_b", "ä", "a b"]
+ACCOUNTS_OK = ["payments-api", "a.b.c", "a-1.b-2", "0", "a" * 100 + "." + "b" * 152]
+ACCOUNTS_BAD = ["a" * 100 + "." + "b" * 153, "a..b", ".a", "a.", "a.-b", "A", "a_b", "system:serviceaccount:a:b"]
+
+
+def _identity_loads(tmp_path: Path, namespace: str, account: str) -> bool:
+    body = f"version: v1\nservice: a\nidentities:\n  - namespace: '{namespace}'\n    serviceAccount: '{account}'\n"
+    (tmp_path / "a.yaml").write_text(body)
+    return validate(tmp_path) == []
+
+
+@pytest.mark.parametrize(("namespace", "ok"), [(n, True) for n in NAMESPACES_OK] + [(n, False) for n in NAMESPACES_BAD])
+def test_namespace_names(namespace: str, ok: bool, tmp_path: Path) -> None:
+    """A namespace: is accepted exactly when it is a DNS-1123 label (a Kubernetes namespace name)."""
+    assert _identity_loads(tmp_path, namespace, "a") is ok
+
+
+@pytest.mark.parametrize(("account", "ok"), [(a, True) for a in ACCOUNTS_OK] + [(a, False) for a in ACCOUNTS_BAD])
+def test_service_account_names(account: str, ok: bool, tmp_path: Path) -> None:
+    """A serviceAccount: is accepted exactly when it is a DNS-1123 subdomain of at most 253 characters."""
+    assert _identity_loads(tmp_path, "a", account) is ok
+
+
+def test_identities_of_different_services_may_sit_side_by_side(tmp_path: Path) -> None:
+    """Services may share a namespace, an account name in other namespaces, adjacent ranges, and range bits across
+    address families (IPv4 10.0.0.0/25 and IPv6 ::a00:0/120 are different clients)."""
+    (tmp_path / "a.yaml").write_text(
+        "version: v1\nservice: a\nidentities:\n  - {namespace: shop, serviceAccount: a}\n  - cidr: 10.0.0.0/25\n"
+    )
+    (tmp_path / "b.yaml").write_text(
+        "version: v1\nservice: b\nidentities:\n  - {namespace: shop, serviceAccount: b}\n"
+        "  - {namespace: other, serviceAccount: a}\n  - cidr: 10.0.0.128/25\n  - cidr: '::a00:0/120'\n"
+    )
+    policy = load_policy(tmp_path)
+    assert [len(policy.services[name].identities) for name in ("a", "b")] == [2, 4]
+
+
+def test_identity_errors_are_reported_with_every_other_error(tmp_path: Path) -> None:
+    """A clash between files is listed together with the other files' errors, in file and line order."""
+    (tmp_path / "a.yaml").write_text("version: v1\nservice: a\nmode: on\nidentities:\n  - cidr: 10.0.0.0/8\n")
+    (tmp_path / "b.yaml").write_text("version: v1\nservice: b\nidentities:\n  - cidr: 10.1.0.0/16\n  - cidr: x\n")
+    assert [(Path(e.file).name, e.line) for e in validate(tmp_path)] == [("a.yaml", 3), ("b.yaml", 4), ("b.yaml", 5)]
+
+
+def test_version_covers_identities(tmp_path: Path) -> None:
+    """Policy.version changes when only an identities: entry changes."""
+    path = tmp_path / "a.yaml"
+    path.write_text("version: v1\nservice: a\nidentities:\n  - cidr: 10.0.0.0/24\n")
+    before = load_policy(tmp_path).version
+    path.write_text("version: v1\nservice: a\nidentities:\n  - cidr: 10.0.1.0/24\n")
+    assert load_policy(tmp_path).version != before
+
+
+def test_shipped_identities() -> None:
+    """The shipped payments-api.yaml lists its service account; checkout-web.yaml lists none."""
+    policy = load_policy("allowlists")
+    (identity,) = policy.services["payments-api"].identities
+    assert (identity.namespace, identity.serviceaccount, identity.cidr) == ("payments", "payments-api", None)
+    assert identity.source.startswith("allowlists/payments-api.yaml:")
+    assert policy.services["checkout-web"].identities == ()
+
+
+def test_readme_identity_example_is_real(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The identity clash quoted in allowlists/README.md is exactly what the loader prints."""
+    readme = (ROOT / "allowlists" / "README.md").read_text()
+    quoted = [line for line in readme.splitlines() if line.startswith("allowlists/refunds.yaml:")]
+    directory = tmp_path / "allowlists"
+    directory.mkdir()
+    identities = "identities:\n  - namespace: payments\n    serviceAccount: payments-api\n  - cidr: {}\n"
+    for service, cidr in (("payments-api", "10.20.0.0/24"), ("refunds", "10.20.0.128/25")):
+        (directory / f"{service}.yaml").write_text(f"version: v1\nservice: {service}\n" + identities.format(cidr))
+    monkeypatch.chdir(tmp_path)
+    assert len(quoted) == 2
+    assert [str(e) for e in validate("allowlists")] == quoted

@@ -1,18 +1,21 @@
 """Policy: which service may reach which destination, and why.
 
-    allowlists/*.yaml --loader--> Policy (frozen; RuleSets per service + global)
+    allowlists/*.yaml --loader--> Policy (frozen; RuleSets per service + global, IdentityIndex)
                                       |
+    Identity, client address --service_for, cidr_identity--> service
     (service, Destination) --decide--> Decision(verdict, reason, rule file:line)
 
-* :mod:`~egressd.policy.model`: the frozen values (Rule, Policy, Decision, Reason).
+* :mod:`~egressd.policy.model`: the frozen values (Rule, ServiceIdentity, Policy, Decision, Reason).
 * :mod:`~egressd.policy.loader`: YAML format v1 -> Policy, or PolicyError with every file:line error.
 * :mod:`~egressd.policy.match`: the pattern grammar and the no-scan index (RuleSet).
+* :mod:`~egressd.policy.identities`: who a service is for (``identities:``), checked across files, indexed.
 * :mod:`~egressd.policy.decide`: the numbered precedence, a pure function.
 
 The format and its semantics are documented for authors in ``allowlists/README.md``.
 """
 
 from egressd.policy.decide import decide
+from egressd.policy.identities import IdentityIndex
 from egressd.policy.loader import LoadError, PolicyError, load_policy, validate
 from egressd.policy.match import RuleSet, parse_pattern
 from egressd.policy.model import (
@@ -23,6 +26,7 @@ from egressd.policy.model import (
     Policy,
     Reason,
     Rule,
+    ServiceIdentity,
     ServicePolicy,
     Verdict,
 )
@@ -31,6 +35,7 @@ __all__ = [
     "AUDITABLE_REASONS",
     "DEFAULT_PORTS",
     "Decision",
+    "IdentityIndex",
     "LoadError",
     "Mode",
     "Policy",
@@ -38,6 +43,7 @@ __all__ = [
     "Reason",
     "Rule",
     "RuleSet",
+    "ServiceIdentity",
     "ServicePolicy",
     "Verdict",
     "decide",

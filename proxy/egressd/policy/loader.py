@@ -26,6 +26,7 @@ from typing import TypeVar
 from yaml.nodes import Node, SequenceNode
 
 from egressd.addresses import parse_cidr
+from egressd.policy.identities import IdentityIndex, clashes, parse_identities
 from egressd.policy.match import RuleSet, parse_pattern
 from egressd.policy.model import DEFAULT_PORTS, IPNetwork, Mode, Policy, Rule, ServicePolicy
 from egressd.policy.nodes import NONE, VERSION, Fields, File, LoadError, compose
@@ -34,7 +35,7 @@ __all__ = ["LoadError", "PolicyError", "load_policy", "validate"]
 
 GLOBAL_FILE = "_global.yaml"
 IGNORED_FILES = frozenset({"README.md"})
-SERVICE_KEYS = ("version", "service", "mode", "allow")
+SERVICE_KEYS = ("version", "service", "mode", "identities", "allow")
 GLOBAL_KEYS = ("version", "global", "allow", "deny", "allow_cidrs")
 ALLOW_RULE_KEYS = ("host", "cidr", "ports", "tls")
 DENY_RULE_KEYS = ("host", "cidr")
@@ -45,6 +46,7 @@ _SERVICE_HINTS = {key: f"{key}: {_ONLY_GLOBAL}" for key in ("global", "deny", "a
 _GLOBAL_HINTS = {
     "service": f"service: does not belong in {GLOBAL_FILE}; put a service's rules in <service>.yaml",
     "mode": f"mode: does not belong in {GLOBAL_FILE}; set mode: in each service's file",
+    "identities": f"identities: does not belong in {GLOBAL_FILE}; list who a service is for in <service>.yaml",
 }
 _DENY_HINTS = {"ports": "deny rules apply to every port; remove ports:"}
 _T = TypeVar("_T")
@@ -100,6 +102,7 @@ def _load(directory: Path) -> tuple[Policy | None, list[LoadError]]:
             global_ = parsed
         elif parsed is not None:
             services[parsed.name] = parsed
+    errors.extend(clashes(services.values()))
     if errors:
         return None, sorted(errors, key=lambda error: (error.file, error.line or 0))
     policy = Policy(
@@ -109,6 +112,7 @@ def _load(directory: Path) -> tuple[Policy | None, list[LoadError]]:
         allow_cidrs=global_.allow_cidrs,
         version=digest.hexdigest()[:16],
         files=tuple(str(directory / name) for name in names),
+        identities=IdentityIndex(services.values()),
     )
     return policy, []
 
@@ -172,8 +176,11 @@ def _parse_service(file: File, root: Node, fields: Fields, stem: str) -> Service
     else:
         file.error(root, f"service: is missing; add `service: {stem}`")
     mode = file.convert(fields["mode"][1], "mode", _MODE) if "mode" in fields else None
+    identities = parse_identities(file, fields["identities"][1]) if "identities" in fields else ()
     allow = _parse_rules(file, fields["allow"][1], deny=False) if "allow" in fields else ()
-    return ServicePolicy(name=stem, mode=mode or Mode.ENFORCE, allow=RuleSet(allow), source=file.path)
+    return ServicePolicy(
+        name=stem, mode=mode or Mode.ENFORCE, allow=RuleSet(allow), source=file.path, identities=identities
+    )
 
 
 def _parse_global(file: File, root: Node, fields: Fields) -> _Global:

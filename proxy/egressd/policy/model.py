@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from egressd.hostport import IPAddress
+    from egressd.identity import Identity
+    from egressd.policy.identities import IdentityIndex
     from egressd.policy.match import RuleSet
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -91,16 +94,51 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceIdentity:
+    """One entry of a service file's ``identities:``, with the file and line it came from.
+
+    Either a Kubernetes service account (``namespace`` and ``serviceaccount``,
+    both set) or a range of client addresses (``cidr``), never both.
+    """
+
+    file: str
+    line: int
+    namespace: str | None = None
+    serviceaccount: str | None = None
+    cidr: IPNetwork | None = None
+
+    def __post_init__(self) -> None:
+        if (self.namespace is None) != (self.serviceaccount is None):
+            raise ValueError("a service account identity has both namespace and serviceaccount")
+        if (self.namespace is None) == (self.cidr is None):
+            raise ValueError("an identity is a service account or a cidr, not both or neither")
+
+    @property
+    def source(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    @property
+    def pattern(self) -> str:
+        """``namespace/serviceaccount`` or the range, as messages print it."""
+        return str(self.cidr) if self.cidr is not None else f"{self.namespace}/{self.serviceaccount}"
+
+
+@dataclass(frozen=True, slots=True)
 class ServicePolicy:
     name: str
     mode: Mode
     allow: RuleSet
     source: str
+    identities: tuple[ServiceIdentity, ...] = ()  # who the service is for; () = only --service reaches it
 
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """A whole loaded allowlists directory. ``version`` is a hash of the files' bytes."""
+    """A whole loaded allowlists directory. ``version`` is a hash of the files' bytes.
+
+    ``identities`` indexes every service's ``identities:`` for the identify
+    step; :meth:`service_for` and :meth:`cidr_identity` are its lookups.
+    """
 
     services: Mapping[str, ServicePolicy]
     global_allow: RuleSet
@@ -108,6 +146,15 @@ class Policy:
     allow_cidrs: tuple[IPNetwork, ...]
     version: str
     files: tuple[str, ...]
+    identities: IdentityIndex
+
+    def service_for(self, identity: Identity) -> str | None:
+        """The service ``identity`` is, or None (see :meth:`egressd.policy.identities.IdentityIndex.service_for`)."""
+        return self.identities.service_for(identity)
+
+    def cidr_identity(self, ip: IPAddress | str) -> tuple[str, Identity] | None:
+        """The service whose identity range contains the client address ``ip``, with a ``cidr`` Identity, or None."""
+        return self.identities.cidr_identity(ip)
 
 
 @dataclass(frozen=True, slots=True)
