@@ -21,8 +21,14 @@ listener
     forwarded (their answers seed the resolver), all others get NXDOMAIN and an
     ``egress.dns`` record.
 identify
-    :meth:`egressd.connection.Engine.who` asks the identity step which service
-    the client is (fixed per process for now: ``--service``).
+    :meth:`egressd.connection.Engine.identify` asks
+    :class:`egressd.identity.identify.Identifier` which service the client is:
+    fixed (``--service``, the sidecar), or at a gateway, per request, a
+    service-account token in ``Proxy-Authorization``
+    (:mod:`egressd.identity.token`, keys from :mod:`egressd.identity.jwks`),
+    the client's pod by its address (:mod:`egressd.identity.podindex`,
+    list+watch), or a static range; the policy's ``identities:`` map the
+    identity to a service (:mod:`egressd.identity.sources` builds them).
 sniff
     Pure parsers, bytes in, value out: :mod:`egressd.sniff.http` (HTTP/1.x
     messages through llhttp), :mod:`egressd.sniff.target` (request target, Host

@@ -24,7 +24,7 @@ from egressd.admin import Admin
 from egressd.audit import CLOSE_TIMEOUT, AuditLog
 from egressd.config import Config, system_resolvers
 from egressd.connection import Dial, Engine, PolicyHolder
-from egressd.identity.identify import Identifier
+from egressd.identity.sources import SourceError, Sources
 from egressd.listeners import Listening, explicit
 from egressd.metrics import Metrics, registry_for
 from egressd.policy.loader import PolicyError
@@ -63,10 +63,10 @@ class Proxy:
         self.unwritten = 0  # audit records shutdown could not write
         service = config.service
         holder = self.holder
-        self.identifier = Identifier(
-            lambda: holder.current, fixed=service, sources=config.identity, metrics=self.metrics
+        self.sources = Sources(config, lambda: holder.current, self.metrics)
+        self.engine = Engine(
+            config, self.holder, self.resolver, self.audit, self.metrics, self.sources.identifier, dial
         )
-        self.engine = Engine(config, self.holder, self.resolver, self.audit, self.metrics, self.identifier, dial)
         self.engine.capacity, nofile = fdlimit.plan(config.max_connections)
         if self.engine.capacity < config.max_connections:
             log.warning(
@@ -83,6 +83,7 @@ class Proxy:
 
     async def start(self) -> None:
         cfg = self.config
+        await self.sources.start()
         if cfg.listen is not None:
             self._bind("explicit", await explicit.start(self.engine, *cfg.listen, reuse_port=cfg.reuse_port))
         if cfg.admin_listen is not None:
@@ -101,6 +102,7 @@ class Proxy:
         self.background = [
             loop.create_task(self.engine.sweeper.run()),
             loop.create_task(self.reloader.watch(self.config.reload_interval)),
+            *(loop.create_task(coro) for coro in self.sources.background()),
         ]
 
     def ready(self) -> bool | str:
@@ -110,7 +112,10 @@ class Proxy:
         if self.holder.current is None:
             return "no policy loaded"
         why = self.audit.unavailable
-        return f"the audit log cannot be written: {why}" if why else True
+        if why:
+            return f"the audit log cannot be written: {why}"
+        why = self.sources.not_ready()
+        return f"clients cannot be identified by their pod: {why}" if why else True
 
     def _bind(self, kind: str, server: Listening) -> None:
         self.servers.append(server)
@@ -154,7 +159,15 @@ async def serve(config: Config) -> int:
     except PolicyError as exc:
         print(f"egressd: cannot start: the allowlists do not load:\n{exc}", file=sys.stderr)
         return 2
-    await proxy.start()
+    except SourceError as exc:
+        print(f"egressd: cannot start: {exc}", file=sys.stderr)
+        return 2
+    try:
+        await proxy.start()
+    except SourceError as exc:
+        print(f"egressd: cannot start: {exc}", file=sys.stderr)
+        await proxy.stop()
+        return 2
     loop = asyncio.get_running_loop()
     tasks: set[asyncio.Task] = set()  # signal-started work and the worker's control channel
 
