@@ -215,3 +215,38 @@ def test_no_token_is_ever_written_or_forwarded(lab, gateway):
     written = gateway.audit_path.read_text() + "".join(gateway.stderr_lines)
     for secret in (token, token[:-4] + "AAAA"):
         assert all(secret[i:i + 20] not in written for i in range(0, len(secret) - 20, 20))
+
+
+def test_pod_ip_identity_from_the_api_servers_pods(lab, start_proxy, tmp_path):
+    """With pod-ip, a pod that sends no token is its service by its address; /readyz waits for the first list.
+
+    The API server is the one accepted stand-in (tests/k8s_api.py): it speaks list and watch from recorded Pods.
+    """
+    from egressd.lab import LabThread
+    from harness import http_get, wait_for
+    from k8s_api import KubeApi, pod
+
+    server = KubeApi([pod("checkout-web-7d9c-x2x4", "127.0.0.3", namespace="checkout",
+                          serviceaccount="checkout-web")])
+    with LabThread() as thread:
+        thread.run(server.start())
+        kubeconfig = server.kubeconfig(tmp_path / "kubeconfig")
+        files = {"checkout.yaml": service_file(
+            "checkout", "  - namespace: checkout\n    serviceAccount: checkout-web\n",
+            f"  - host: web.test\n    ports: [{lab.http.port}]\n")}
+        proxy = start_proxy(files, "", "--identity", "pod-ip", "--kubeconfig", kubeconfig)
+        wait_for(lambda: http_get(proxy.admin, "/readyz")[0] == 200, what="the first list of Pods")
+        authority = f"web.test:{lab.http.port}"
+        request = f"GET http://{authority}/ HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode()
+        for source, status in (("127.0.0.3", b"200"), ("127.0.0.4", b"403")):
+            with socket.socket() as sock:
+                sock.bind((source, 0))
+                sock.settimeout(5)
+                sock.connect(proxy.address)
+                sock.sendall(request)
+                assert recv_head(sock).startswith(b"HTTP/1.1 " + status)
+        records = proxy.wait_records(2)
+        thread.run(server.stop())
+    assert records[0]["service"] == "checkout" and records[0]["identity"]["pod"] == "checkout-web-7d9c-x2x4"
+    assert records[0]["identity"]["source"] == "pod-ip"
+    assert (records[1]["reason"], records[1]["service"]) == ("no_identity", None)
