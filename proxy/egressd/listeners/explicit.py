@@ -29,8 +29,9 @@ import structlog
 
 from egressd.audit import Record
 from egressd.connection import Client, Engine
-from egressd.errors import Denied
+from egressd.errors import Denied, ProxyError
 from egressd.hostport import BadDestination, Destination, normalize_host
+from egressd.listeners import Accepted
 from egressd.listeners.requests import error_response, serve_requests
 from egressd.policy.model import Reason
 from egressd.relay import Side
@@ -99,39 +100,16 @@ async def read_sni(engine: Engine, rec: Record, client: Side, dest: Destination)
     rec.sni = sni
 
 
-class _Client(Side):
-    """The client side of a connection: starts serve_client when accepted, or answers 503 when full."""
+class _Client(Accepted):
+    """The client side of a connection: serve_client runs when it is admitted, else it gets a 503."""
 
-    __slots__ = ("engine", "who")
+    __slots__ = ()
+    listener = LISTENER
+    handler = staticmethod(serve_client)
 
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
-        self.engine = engine
-        self.who: Client | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        engine = self.engine
-        who = self.who = engine.who(self)
-        if who is None:  # reset before anyone could see who it was: nothing to serve, nobody to answer
-            log.warning("connection.no_peer_address", listener=LISTENER)
-            self.abort()
-            return
-        refused = engine.admit(who)
-        if refused is not None:
-            rec = engine.open(who, LISTENER)
-            engine.fail(rec, refused)
-            self.write(error_response(refused.status, refused.reason, engine.denial_body(rec, refused)))
-            self.linger()
-            engine.close(rec)
-            self.who = None  # not counted as active: nothing to release
-            return
-        engine.serve(self, who, serve_client)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        if self.who is not None:
-            self.engine.release(self, self.who)
+    def refuse(self, rec: Record, refused: ProxyError) -> None:
+        self.write(error_response(refused.status, refused.reason, self.engine.denial_body(rec, refused)))
+        self.linger()
 
 
 async def start(engine: Engine, host: str, port: int, reuse_port: bool = False) -> asyncio.Server:

@@ -20,6 +20,7 @@ from egressd.audit import Record
 from egressd.connection import Client, Engine
 from egressd.errors import BadRequest, ProxyError
 from egressd.hostport import IPAddress
+from egressd.listeners import internal_error
 from egressd.listeners.forward import DONE, SPLICED, Forwarder
 from egressd.listeners.httpio import CLOSED, next_event, whole_response
 from egressd.policy.model import Reason
@@ -111,10 +112,7 @@ async def serve_requests(
         client.abort()
         raise
     except Exception as exc:  # a bug must cost one connection, never the process; the record still goes out
-        log.exception("connection.internal_error", conn_id=rec.conn_id)
-        rec.decision = "deny"
-        rec.note(f"internal error: {type(exc).__name__}: {exc}")
-        client.abort()
+        internal_error(rec, client, exc)
     finally:
         if not spliced:
             if forwarder is not None:

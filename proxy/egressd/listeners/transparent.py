@@ -58,6 +58,7 @@ from egressd.audit import Record
 from egressd.connection import Client, Engine
 from egressd.errors import BadRequest, Denied, ProxyError
 from egressd.hostport import BadDestination, Destination, IPAddress, ip_text, join_host_port, parse_authority
+from egressd.listeners import Accepted, internal_error
 from egressd.listeners.requests import serve_requests
 from egressd.policy.decide import decide
 from egressd.policy.model import Decision, Reason
@@ -110,49 +111,36 @@ def original_destination(sock: socket.socket) -> tuple[IPAddress, int]:
     return ipaddress.ip_address(host.split("%", 1)[0]), port
 
 
-class _Client(Side):
-    """A redirected client: who it is and where it was going are read at accept, then serve_client runs."""
+class _Client(Accepted):
+    """A redirected client: where it was going is read at accept, then serve_client runs."""
 
-    __slots__ = ("engine", "who", "original", "local")
+    __slots__ = ("original", "local")
+    listener = LISTENER
 
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop)
-        self.engine = engine
-        self.who: Client | None = None
+        super().__init__(engine, loop)
         self.original: tuple[IPAddress, int] = (ipaddress.IPv4Address(0), 0)
         self.local: tuple[str, int] | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        engine = self.engine
-        who = self.who = engine.who(self)
+    @staticmethod
+    async def handler(engine: Engine, client: Side, who: Client) -> None:
+        await serve_client(engine, client, who)
+
+    def accepted(self, transport: asyncio.BaseTransport) -> bool:
         sock = transport.get_extra_info("socket")
-        if who is None or sock is None:  # reset before anyone could see who it was: nobody to answer
-            log.warning("connection.no_peer_address", listener=LISTENER)
-            self.who = None
-            self.abort()
-            return
+        if sock is None:
+            return False
         try:
             self.original = original_destination(sock)
             self.local = sock.getsockname()[:2]
         except OSError:
             pass  # gone already: the 0.0.0.0 placeholder is refused as this listener's own address
-        refused = engine.admit(who)
-        if refused is not None:
-            rec = engine.open(who, LISTENER)
-            rec.original_dst = join_host_port(ip_text(self.original[0]), self.original[1])
-            engine.fail(rec, refused)
-            rec.status = None  # nothing was answered: the protocol is not known yet
-            self.reset()
-            engine.close(rec)
-            self.who = None  # not counted as active: nothing to release
-            return
-        engine.serve(self, who, serve_client)
+        return True
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
-        if self.who is not None:
-            self.engine.release(self, self.who)
+    def refuse(self, rec: Record, refused: ProxyError) -> None:
+        rec.original_dst = join_host_port(ip_text(self.original[0]), self.original[1])
+        rec.status = None  # nothing was answered: the protocol is not known yet
+        self.reset()
 
 
 async def serve_client(engine: Engine, client: Side, who: Client) -> None:
@@ -186,10 +174,7 @@ async def serve_client(engine: Engine, client: Side, who: Client) -> None:
         engine.close(rec)
         raise
     except Exception as exc:  # a bug must cost one connection, never the process; the record still goes out
-        log.exception("connection.internal_error", conn_id=rec.conn_id)
-        rec.decision = "deny"
-        rec.note(f"internal error: {type(exc).__name__}: {exc}")
-        client.abort()
+        internal_error(rec, client, exc)
         engine.close(rec)
         return
     await serve_http(engine, client, who, rec)
