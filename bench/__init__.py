@@ -16,4 +16,6 @@
 * :mod:`bench.phases`: one function per figure; :mod:`bench.records`: audit records and logs after the load.
 * :mod:`bench.runner`: the session (set-up, per run and system, teardown); :mod:`bench.report`: medians,
   ratios egressd/Squid, targets, the markdown table; :mod:`bench.cli`: options, namespaces, output.
+* :mod:`bench.sidecar` (with ``sidecar_world``, ``sidecar_phases``, ``sidecar_report``, ``dnsload.c``): sidecar
+  mode in a simulated pod, the transparent listener next to the explicit one, the DNS filter next to dnsmasq.
 """

@@ -8,7 +8,7 @@
  *   loadc tunnels --proxy HOST:PORT|direct --target NAME:PORT --hello FILE
  *                 [--origin-host IP] [--concurrency N] [--warmup S] [--duration S] [--timeout S]
  *   loadc bulk    --proxy HOST:PORT|direct --target NAME:PORT --bytes N [--origin-host IP] [--timeout S]
- *   loadc echo    --port P [--port P ...]     (127.0.0.1; until SIGTERM)
+ *   loadc echo    --port P [--port P ...] [--bind IP]     (default 127.0.0.1; until SIGTERM)
  *
  * tunnels: CONCURRENCY connections in flight on one epoll loop, each:
  * connect, CONNECT NAME:PORT (unless direct), read the 200, send the canned
@@ -55,6 +55,7 @@ struct slot {
 };
 
 static char proxy_host[256] = "direct", target_name[256], origin_host[64] = "127.0.0.1", hello_path[1024];
+static char bind_host[64] = "127.0.0.1"; /* echo: the address it listens on */
 static int target_port, proxy_port, concurrency = 16;
 static double warmup = 0.5, duration = 5.0, timeout_s = 10.0;
 static long long bulk_bytes = 1LL << 30;
@@ -99,7 +100,8 @@ static void parse(int argc, char **argv) {
         if (!strcmp(k, "--port")) {
             if (n_echo_ports == MAX_PORTS) fail_usage("too many --port");
             echo_ports[n_echo_ports++] = atoi(v);
-        } else if (!strcmp(k, "--proxy")) snprintf(proxy_host, sizeof proxy_host, "%s", v);
+        } else if (!strcmp(k, "--bind")) snprintf(bind_host, sizeof bind_host, "%s", v);
+        else if (!strcmp(k, "--proxy")) snprintf(proxy_host, sizeof proxy_host, "%s", v);
         else if (!strcmp(k, "--target")) {
             if (split_hostport(v, target_name, sizeof target_name, &target_port)) fail_usage("bad --target");
         } else if (!strcmp(k, "--origin-host")) snprintf(origin_host, sizeof origin_host, "%s", v);
@@ -344,9 +346,9 @@ static int run_echo(void) {
         int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0), one = 1;
         setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
         struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(echo_ports[i])};
-        inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+        if (inet_pton(AF_INET, bind_host, &a.sin_addr) != 1) fail_usage("--bind must be an IPv4 literal");
         if (bind(fd, (struct sockaddr *)&a, sizeof a) || listen(fd, 8192)) {
-            fprintf(stderr, "loadc echo: cannot listen on 127.0.0.1:%d: %s\n", echo_ports[i], strerror(errno));
+            fprintf(stderr, "loadc echo: cannot listen on %s:%d: %s\n", bind_host, echo_ports[i], strerror(errno));
             return 1;
         }
         listeners[i] = fd;
