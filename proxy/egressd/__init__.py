@@ -27,7 +27,8 @@ identify
     service-account token in ``Proxy-Authorization``
     (:mod:`egressd.identity.token`, keys from :mod:`egressd.identity.jwks`),
     the client's pod by its address (:mod:`egressd.identity.podindex`,
-    list+watch), or a static range; the policy's ``identities:`` map the
+    list+watch, over the pure :mod:`egressd.identity.podtable`), or a static
+    range; the policy's ``identities:`` map the
     identity to a service (:mod:`egressd.identity.sources` builds them).
 sniff
     Pure parsers, bytes in, value out: :mod:`egressd.sniff.http` (HTTP/1.x
