@@ -7,6 +7,7 @@
  *
  *   loadc tunnels --proxy HOST:PORT|direct --target NAME:PORT --hello FILE
  *                 [--origin-host IP] [--concurrency N] [--warmup S] [--duration S] [--timeout S]
+ *                 [--header 'Name: value' ...]   (extra lines in each CONNECT, e.g. Proxy-Authorization)
  *   loadc bulk    --proxy HOST:PORT|direct --target NAME:PORT --bytes N [--origin-host IP] [--timeout S]
  *   loadc echo    --port P [--port P ...] [--bind IP]     (default 127.0.0.1; until SIGTERM)
  *
@@ -60,7 +61,9 @@ static int target_port, proxy_port, concurrency = 16;
 static double warmup = 0.5, duration = 5.0, timeout_s = 10.0;
 static long long bulk_bytes = 1LL << 30;
 static struct sockaddr_in dest;
-static char connect_req[600];
+static char connect_req[HEAD_MAX];
+static char extra_headers[HEAD_MAX / 2];
+static size_t extra_len;
 static size_t connect_len;
 static char *hello;
 static size_t hello_len;
@@ -111,6 +114,14 @@ static void parse(int argc, char **argv) {
         else if (!strcmp(k, "--duration")) duration = atof(v);
         else if (!strcmp(k, "--timeout")) timeout_s = atof(v);
         else if (!strcmp(k, "--bytes")) bulk_bytes = atoll(v);
+        else if (!strcmp(k, "--header")) {
+            size_t n = strlen(v);
+            if (strpbrk(v, "\r\n") || extra_len + n + 2 >= sizeof extra_headers) fail_usage("bad or too long --header");
+            memcpy(extra_headers + extra_len, v, n);
+            memcpy(extra_headers + extra_len + n, "\r\n", 2);
+            extra_len += n + 2;
+            extra_headers[extra_len] = 0;
+        }
         else fail_usage("unknown option");
     }
     if (!strcmp(argv[1], "echo")) return;
@@ -127,8 +138,8 @@ static void parse(int argc, char **argv) {
         if (split_hostport(proxy_host, host, sizeof host, &proxy_port)) fail_usage("bad --proxy");
         dest.sin_port = htons(proxy_port);
         if (inet_pton(AF_INET, host, &dest.sin_addr) != 1) fail_usage("--proxy must be an IPv4 literal");
-        connect_len = snprintf(connect_req, sizeof connect_req, "CONNECT %s:%d HTTP/1.1\r\nHost: %s:%d\r\n\r\n",
-                               target_name, target_port, target_name, target_port);
+        connect_len = snprintf(connect_req, sizeof connect_req, "CONNECT %s:%d HTTP/1.1\r\nHost: %s:%d\r\n%s\r\n",
+                               target_name, target_port, target_name, target_port, extra_headers);
     }
 }
 
