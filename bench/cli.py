@@ -62,13 +62,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def reexec_in_namespaces(argv: list[str]) -> None:
-    """As root: re-run this command in new network and mount namespaces (loopback only, private /etc/hosts)."""
-    env = {**os.environ, "BENCH_NETNS": "1", "BENCH_ARGV": shlex.join(["python", "-m", "bench", *argv])}
+def wants_namespaces(no_netns: bool) -> bool:
+    """Whether to re-run in namespaces of our own: as root, unless told not to or already inside them."""
+    return os.geteuid() == 0 and not no_netns and os.environ.get("BENCH_NETNS") != "1" and bool(shutil.which("unshare"))
+
+
+def reexec_in_namespaces(argv: list[str], module: str = "bench") -> None:
+    """As root: re-run ``python -m module argv`` in new network and mount namespaces (loopback only, private
+    /etc/hosts)."""
+    env = {**os.environ, "BENCH_NETNS": "1", "BENCH_ARGV": shlex.join(["python", "-m", module, *argv])}
     root = str(runner.HERE.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     os.chdir(root)
-    os.execvpe("unshare", ["unshare", "--net", "--mount", "--", sys.executable, "-m", "bench", *argv], env)
+    os.execvpe("unshare", ["unshare", "--net", "--mount", "--", sys.executable, "-m", module, *argv], env)
 
 
 def _first_line(cmd: list[str]) -> str | None:
@@ -300,7 +306,6 @@ def _record_notes(run_no: int, what: str, found: dict[str, Any], caches: int) ->
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if (os.geteuid() == 0 and not args.no_netns and os.environ.get("BENCH_NETNS") != "1"
-            and shutil.which("unshare")):
+    if wants_namespaces(args.no_netns):
         reexec_in_namespaces(argv)
     return run(args)

@@ -377,15 +377,8 @@ def _notes(raw: list[dict[str, Any]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    if (os.geteuid() == 0 and not args.no_netns and os.environ.get("BENCH_NETNS") != "1"
-            and shutil.which("unshare")):
-        root = str(runner.HERE.parent)
-        env = {**os.environ, "BENCH_NETNS": "1",
-               "BENCH_ARGV": shlex.join(["python", "-m", "bench.gateway", *argv]),
-               "PYTHONPATH": root + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")}
-        os.chdir(root)
-        os.execvpe("unshare", ["unshare", "--net", "--mount", "--", sys.executable, "-m", "bench.gateway", *argv],
-                   env)
+    if cli.wants_namespaces(args.no_netns):
+        cli.reexec_in_namespaces(argv, "bench.gateway")
     return run(args)
 
 
