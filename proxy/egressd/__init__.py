@@ -28,8 +28,9 @@ identify
     (:mod:`egressd.identity.token`, keys from :mod:`egressd.identity.jwks`),
     the client's pod by its address (:mod:`egressd.identity.podindex`,
     list+watch, over the pure :mod:`egressd.identity.podtable`), or a static
-    range; the policy's ``identities:`` map the
-    identity to a service (:mod:`egressd.identity.sources` builds them).
+    range; the policy's ``identities:`` (:mod:`egressd.policy.identities`)
+    map the identity to a service (:mod:`egressd.identity.sources` builds
+    the sources).
 sniff
     Pure parsers, bytes in, value out: :mod:`egressd.sniff.http` (HTTP/1.x
     messages through llhttp), :mod:`egressd.sniff.target` (request target, Host
@@ -61,10 +62,12 @@ audit + metrics
 Around it: :mod:`egressd.app` (start, signals, drain), :mod:`egressd.reload`
 (SIGHUP and file changes, last good policy kept), :mod:`egressd.admin`
 (``/metrics``, ``/healthz``, ``/readyz``), :mod:`egressd.cli` (one module per
-subcommand group: ``run``/``sidecar``, ``validate``/``check``,
-``init-iptables``), and :mod:`egressd.demo` with the stand-ins of
-:mod:`egressd.lab` (on loopback, or in the simulated pod of
-:mod:`egressd.lab.netns`).
+subcommand group: :mod:`egressd.cli.run` for ``run``/``sidecar``,
+:mod:`egressd.cli.policy` for ``validate``/``check``,
+:mod:`egressd.cli.iptables` for ``init-iptables``), and :mod:`egressd.demo`
+with the stand-ins of :mod:`egressd.lab` on loopback, or
+:mod:`egressd.demo_sidecar` in the simulated pod of :mod:`egressd.lab.pod`
+(namespaces from :mod:`egressd.lab.netns`).
 """
 
 __version__ = "0.1.0"
