@@ -36,6 +36,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float = DEADLINE, what: str 
         time.sleep(0.01)
 
 
+class Clock:
+    """A clock the test moves by hand (``clock.now += 5``); pass it where the code takes ``clock=``."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def write_allowlists(directory: Path, files: dict[str, str]) -> Path:
     """Write {file name: YAML text} into directory (created), return it."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from egressd.identity import Identity
 from egressd.identity.podindex import ClientConfigError, PodIndex, Timing
 from egressd.identity.podtable import Expired, PodTable, WatchError
 from egressd.lab import LabThread
+from harness import Clock
 from k8s_api import KubeApi, flag, pod, with_ip, with_phase
 
 # -- the table (pure) --------------------------------------------------------------------------------
@@ -181,14 +182,6 @@ FAST = Timing(request_timeout=2.0, watch_seconds=60, idle_timeout=30.0, backoff_
 DEADLINE = 5.0
 
 
-class Clock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")

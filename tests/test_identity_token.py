@@ -32,17 +32,12 @@ from egressd.identity import token as token_mod
 from egressd.identity.jwks import JwksError, JwksFile, JwksUrl, parse_jwks
 from egressd.identity.token import NEGATIVE_TTL, TokenVerifier, credentials
 from egressd.metrics import Metrics
+from harness import Clock
 
 ISSUER = "https://kubernetes.default.svc.cluster.local"
 NOW = 1_800_000_000.0
 
 
-class Clock:
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @functools.cache
@@ -132,7 +127,7 @@ def jwks_file(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(NOW)
 
 
 @pytest.fixture

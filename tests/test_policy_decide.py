@@ -9,6 +9,7 @@ import pytest
 
 from egressd.hostport import parse_authority
 from egressd.policy import Decision, Mode, Policy, Reason, Verdict, decide, load_policy
+from harness import write_allowlists
 
 GLOBAL = """\
 version: v1
@@ -115,10 +116,8 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory: pytest.TempPathFactory) -> Policy:
-    directory = tmp_path_factory.mktemp("allowlists")
-    for name, text in {"_global.yaml": GLOBAL, "shop.yaml": SHOP, "legacy.yaml": LEGACY}.items():
-        (directory / name).write_text(text)
-    return load_policy(directory)
+    files = {"_global.yaml": GLOBAL, "shop.yaml": SHOP, "legacy.yaml": LEGACY}
+    return load_policy(write_allowlists(tmp_path_factory.mktemp("allowlists"), files))
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -13,14 +13,7 @@ from egressd.hostport import parse_authority
 from egressd.lab import DnsServer, LabThread, Servfail
 from egressd.metrics import Metrics
 from egressd.resolve import Resolver
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from harness import Clock
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,11 @@ from egressd.errors import DnsFailure
 from egressd.lab import DnsServer, LabThread, Slow
 from egressd.metrics import Metrics
 from egressd.resolve import Resolver
+from harness import Clock
 
 A, AAAA = dns.rdatatype.A, dns.rdatatype.AAAA
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(scope="module")
