@@ -185,12 +185,8 @@ def run(args: argparse.Namespace) -> int:
             per_run.append({name: report.figures_of(res, baseline, name) for name, res in results.items()
                             if name in args.only})
             raw.append(results)
-    except KeyboardInterrupt:
-        runner.log("interrupted: stopping everything started")
-        session.failures.append("interrupted")
-    except BenchError as exc:
-        runner.log(f"set-up failed: {exc}")
-        session.failures.append(f"set-up: {exc}")
+    except (KeyboardInterrupt, BenchError) as exc:
+        runner.stopped_by(session, exc)
     finally:
         session.stop_helpers()
     summary = report.summarize(per_run)

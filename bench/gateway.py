@@ -318,12 +318,8 @@ def run(args: argparse.Namespace) -> int:
             results = {c: measure(session, bench, c, run_no, headers[c], duration) for c in order}
             per_run.append({c: results[c]["tunnels"] for c in CONFIGS if "tunnels" in results[c]})
             raw.append(results)
-    except KeyboardInterrupt:
-        runner.log("interrupted: stopping everything started")
-        session.failures.append("interrupted")
-    except BenchError as exc:
-        runner.log(f"set-up failed: {exc}")
-        session.failures.append(f"set-up: {exc}")
+    except (KeyboardInterrupt, BenchError) as exc:
+        runner.stopped_by(session, exc)
     finally:
         session.stop_helpers()
     if not session.failures or per_run:

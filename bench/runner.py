@@ -39,6 +39,17 @@ def log(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
+def stopped_by(session: Session, exc: KeyboardInterrupt | BenchError) -> None:
+    """A session cut short (Ctrl-C, SIGTERM, a set-up that failed): say so and record it as a failure; the
+    caller's ``finally`` stops everything started."""
+    if isinstance(exc, KeyboardInterrupt):
+        log("interrupted: stopping everything started")
+        session.failures.append("interrupted")
+    else:
+        log(f"set-up failed: {exc}")
+        session.failures.append(f"set-up: {exc}")
+
+
 def write_world(run_dir: Path) -> None:
     """Every generated file: allowlist, hosts, proxy configs and filters, nginx, wrk script."""
     rules = scenario.rules()

@@ -214,12 +214,8 @@ def run(args: argparse.Namespace) -> int:
                 per_run["dns"].append({s: sidecar_report.figures_of(dns[s], DNS_FIGURES) for s in dns})
                 results["dns"] = dns
             raw.append(results)
-    except KeyboardInterrupt:
-        runner.log("interrupted: stopping everything started")
-        session.failures.append("interrupted")
-    except BenchError as exc:
-        runner.log(f"set-up failed: {exc}")
-        session.failures.append(f"set-up: {exc}")
+    except (KeyboardInterrupt, BenchError) as exc:
+        runner.stopped_by(session, exc)
     finally:
         if world is not None:
             world.close()
