@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up a machine to run egressd and its tests: system tools (when root and
-# missing: curl, openssl, iproute2, util-linux, iptables, dig) and a virtualenv
+# missing: curl, openssl, iproute2, util-linux, iptables, dig, prometheus/promtool, kubectl) and a virtualenv
 # in .venv with egressd installed in editable mode.
 #   .venv     Python >= 3.12 when one is found (mitmproxy, the tests' oracle, needs it), else python3 (>= 3.11)
 #   .venv311  Python 3.11, when present: the oldest Python egressd supports (EGRESSD_PY311=1 to build it)
@@ -11,6 +11,7 @@ cd "$(dirname "$0")"
 declare -A package=(
   [curl]=curl [openssl]=openssl [ip]=iproute2 [ss]=iproute2 [unshare]=util-linux [prlimit]=util-linux
   [setpriv]=util-linux [iptables-restore]=iptables [ip6tables-restore]=iptables [dig]=bind9-dnsutils
+  [prometheus]=prometheus [promtool]=prometheus [kubectl]=kubectl
 )
 need=()
 for tool in "${!package[@]}"; do command -v "$tool" >/dev/null || need+=("${package[$tool]}"); done
@@ -18,7 +19,13 @@ if [ ${#need[@]} -gt 0 ]; then
   mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    # No service may start from a package's install script (prometheus would listen on :9090).
+    made_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made_policy=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    [ "$made_policy" = 0 ] || rm -f /usr/sbin/policy-rc.d
   else
     echo "install.sh: missing tools: install the packages ${need[*]}" >&2
     exit 1

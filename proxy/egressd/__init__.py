@@ -64,7 +64,8 @@ Around it: :mod:`egressd.app` (start, signals, drain), :mod:`egressd.reload`
 (``/metrics``, ``/healthz``, ``/readyz``), :mod:`egressd.cli` (one module per
 subcommand group: :mod:`egressd.cli.run` for ``run``/``sidecar``,
 :mod:`egressd.cli.policy` for ``validate``/``check``,
-:mod:`egressd.cli.iptables` for ``init-iptables``), and :mod:`egressd.demo`
+:mod:`egressd.cli.iptables` for ``init-iptables``), the Kubernetes install's
+names in :mod:`egressd.kube`, and :mod:`egressd.demo`
 with the stand-ins of :mod:`egressd.lab` on loopback, or
 :mod:`egressd.demo_sidecar` in the simulated pod of :mod:`egressd.lab.pod`
 (namespaces from :mod:`egressd.lab.netns`).

@@ -7,6 +7,8 @@
 ``egressd check``     decide one destination for one service: exit 0 allow, 1 deny
 ``egressd demo``      the offline demo (its own DNS server and HTTPS origins; ``--sidecar``: in a simulated pod)
 ``egressd init-iptables``  install the pod's iptables rules, in an init container (:mod:`egressd.cli.iptables`)
+``egressd inject-webhook``  the mutating admission webhook that injects the sidecar (:mod:`egressd.cli.webhook`)
+``egressd allowlist-sync``  mirror the allowlist ConfigMap into every namespace labelled for injection (:mod:`egressd.cli.sync`)
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from egressd.cli import iptables, policy, run
+from egressd.cli import iptables, policy, run, sync, webhook
 from egressd.config import ConfigError, env_default
 
 
@@ -30,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     policy.add_parsers(sub)
     iptables.add_parser(sub)
+    webhook.add_parser(sub)
+    sync.add_parser(sub)
     demo = sub.add_parser("demo", help="run the offline demo and print each decision")
     demo.add_argument("--serve", action="store_true", help="keep the demo proxy up for your own curl -x")
     demo.add_argument("--sidecar", action="store_true",
@@ -49,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             return policy.cmd_check(args)
         if args.command == "init-iptables":
             return iptables.cmd_init(args)
+        if args.command == "inject-webhook":
+            return webhook.cmd(args)
+        if args.command == "allowlist-sync":
+            return sync.cmd(args)
         if args.command == "demo" and args.sidecar:
             from egressd import demo_sidecar
 
