@@ -333,8 +333,9 @@ def test_version_hash(tmp_path: Path) -> None:
 
 
 def test_ignored_entries(tmp_path: Path) -> None:
-    """README.md, dotfiles, subdirectories and other extensions are ignored; files are still all loaded."""
+    """README.md, kustomization.yaml, dotfiles, subdirectories and other extensions are ignored; files still load."""
     copy = _copy_shipped(tmp_path)
+    (copy / "kustomization.yaml").write_text("configMapGenerator: [{name: egressd-allowlists}]\n")
     (copy / ".swp").write_text("junk: [")
     (copy / "notes.txt").write_text("junk: [")
     (copy / "..data").mkdir()

@@ -34,7 +34,9 @@ from egressd.policy.nodes import NONE, VERSION, Fields, File, LoadError, compose
 __all__ = ["LoadError", "PolicyError", "load_policy", "validate"]
 
 GLOBAL_FILE = "_global.yaml"
-IGNORED_FILES = frozenset({"README.md"})
+# kustomization.yaml: the ConfigMap generator that k8s/base builds from this directory (kustomize may read
+# only files under a kustomization's own directory, so it lives here); not a policy file.
+IGNORED_FILES = frozenset({"README.md", "kustomization.yaml"})
 SERVICE_KEYS = ("version", "service", "mode", "identities", "allow")
 GLOBAL_KEYS = ("version", "global", "allow", "deny", "allow_cidrs")
 ALLOW_RULE_KEYS = ("host", "cidr", "ports", "tls")
