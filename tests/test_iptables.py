@@ -526,9 +526,13 @@ def test_excluded_destinations_ports_and_uids_go_out_directly(sidecar, host, por
 
 
 @needs_root
-def test_app_dns_to_an_excluded_cidr_goes_out_directly(sidecar):
-    """DNS to a server inside an excluded CIDR is not filtered: the net's server answers."""
-    assert dig(sidecar.pod, EXCLUDED_V4) == NET_ANSWER
+@pytest.mark.parametrize("options", [(), ("+tcp",)])
+def test_app_dns_to_an_excluded_cidr_is_still_filtered(sidecar, options):
+    """DNS to a server inside an excluded CIDR (the cluster DNS inside an excluded Service range) lands on the
+    DNS filter's port all the same; only --exclude-port 53 lets DNS go as sent."""
+    received = sum(len(dns.queries) for dns in sidecar.stand_in_dns)
+    assert dig(sidecar.pod, EXCLUDED_V4, *options) == STAND_IN_ANSWER
+    assert sum(len(dns.queries) for dns in sidecar.stand_in_dns) == received + 1
 
 
 # --- conntrack zones ------------------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ What the rules do to a packet the pod sends (both families; IPv6 redirects to ``
     raw    EGRESSD_OUTPUT      UDP DNS the sidecar sends, or that goes out as sent  -> conntrack zone 1
            EGRESSD_PREROUTING  answers from port 53 arriving from outside           -> zone 1
                                the app's other UDP DNS, and the filter's answers    -> zone 2
-    nat    EGRESSD_OUTPUT      proxy UID, excluded UIDs, CIDRs, TCP ports: untouched
-                               DNS (UDP and TCP port 53), to any address, loopback too -> the DNS filter port
-                               loopback (lo: 127/8, ::1, the pod's own addresses): untouched
+    nat    EGRESSD_OUTPUT      proxy UID, excluded UIDs, TCP ports: untouched
+                               DNS (UDP and TCP port 53), to any address, loopback and excluded CIDRs too
+                                                                                 -> the DNS filter port
+                               excluded CIDRs, loopback (lo: 127/8, ::1, the pod's own addresses): untouched
                                every other TCP connection -> the transparent port
     filter EGRESSD_OUTPUT      UDP only: loopback, proxy UID, redirected (DNAT), answers to flows started from
                                outside, excluded UIDs, CIDRs and UDP ports pass; every other UDP packet is dropped
@@ -143,24 +144,26 @@ def _raw(rules: PodRules, family: int) -> list[str]:
         f"-A EGRESSD_OUTPUT -p udp --dport 53 {_owner(rules.proxy_uid)} {direct}",
         f"-A EGRESSD_OUTPUT -o lo -p udp --sport 53 {direct}",
         *(f"-A EGRESSD_OUTPUT -p udp --dport 53 {_owner(uid)} {direct}" for uid in rules.exclude_uids),
-        *(f"-A EGRESSD_OUTPUT -d {cidr_text(cidr)} -p udp --dport 53 {direct}" for cidr in rules.cidrs(family)),
         f"-A EGRESSD_OUTPUT -p udp --dport 53 {redirected}",
         f"-A EGRESSD_PREROUTING -p udp --sport 53 {direct}",
     ]
 
 
-def _untouched(rules: PodRules, family: int) -> list[str]:
-    """Match specs of what egressd leaves alone whatever the protocol: the excluded UIDs and CIDRs."""
-    return [_owner(uid) for uid in rules.exclude_uids] + [f"-d {cidr_text(cidr)}" for cidr in rules.cidrs(family)]
+def _cidrs(rules: PodRules, family: int) -> list[str]:
+    return [f"-d {cidr_text(cidr)}" for cidr in rules.cidrs(family)]
 
 
 def _nat(rules: PodRules, family: int) -> list[str]:
-    left_alone = [_owner(rules.proxy_uid), *_untouched(rules, family), *_ports("tcp", rules.exclude_ports)]
+    left_alone = [_owner(rules.proxy_uid), *(_owner(uid) for uid in rules.exclude_uids),
+                  *_ports("tcp", rules.exclude_ports)]
     dns = [f"-p {proto} --dport 53 -j REDIRECT --to-ports {rules.dns_port}" for proto in ("udp", "tcp")]
     return [
         *(f"-A EGRESSD_OUTPUT {spec} -j RETURN" for spec in left_alone),
         *(f"-A EGRESSD_OUTPUT {spec}" for spec in dns if rules.redirects_dns),
-        "-A EGRESSD_OUTPUT -o lo -j RETURN",  # after DNS: a resolver on loopback is filtered too
+        # After DNS: lookups sent to an excluded range (the cluster's Service range holds the cluster DNS
+        # service) or to a resolver on loopback are filtered too; only --exclude-port 53 lets DNS go as sent.
+        *(f"-A EGRESSD_OUTPUT {spec} -j RETURN" for spec in _cidrs(rules, family)),
+        "-A EGRESSD_OUTPUT -o lo -j RETURN",
         f"-A EGRESSD_OUTPUT -p tcp -j REDIRECT --to-ports {rules.transparent_port}",
     ]
 
@@ -168,7 +171,7 @@ def _nat(rules: PodRules, family: int) -> list[str]:
 def _filter(rules: PodRules, family: int) -> list[str]:
     allowed = [
         "! -p udp", "-o lo", _owner(rules.proxy_uid), "-m conntrack --ctstate DNAT", "-m conntrack --ctdir REPLY",
-        *_untouched(rules, family), *_ports("udp", rules.exclude_ports),
+        *(_owner(uid) for uid in rules.exclude_uids), *_cidrs(rules, family), *_ports("udp", rules.exclude_ports),
     ]
     return [f"-A EGRESSD_OUTPUT {spec} -j RETURN" for spec in allowed] + ["-A EGRESSD_OUTPUT -p udp -j DROP"]
 
