@@ -31,7 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dns-port", default=env_default("dns-port", "15053"),
                    help="where DNS (UDP and TCP port 53) is redirected (15053)")
     p.add_argument("--exclude-cidr", action="append", default=None,
-                   help="a destination range left alone: not redirected, not dropped; DNS to it is still filtered (repeatable)")
+                   help="a destination range left alone: not redirected, not dropped; DNS to it is still filtered "
+                   "(repeatable)")
     p.add_argument("--exclude-port", action="append", default=None,
                    help="a destination port left alone, TCP and UDP (repeatable)")
     p.add_argument("--exclude-uid", action="append", default=None,
