@@ -52,7 +52,7 @@ _GLOBAL_HINTS = {
 }
 _DENY_HINTS = {"ports": "deny rules apply to every port; remove ports:"}
 _T = TypeVar("_T")
-_SERVICE_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?\Z")
+SERVICE_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?\Z")
 _PORT = re.compile(r"[1-9][0-9]{0,4}\Z")
 
 
@@ -271,7 +271,7 @@ def _choice(what: str, values: Mapping[str, _T]) -> Callable[[str], _T]:
 
 
 def _service_name(text: str, stem: str) -> str:
-    if not _SERVICE_NAME.match(text):
+    if not SERVICE_NAME.match(text):
         raise ValueError(
             f'service "{text}" is not a Kubernetes name (lower-case letters, digits and "-", '
             f'starting and ending with a letter or digit, at most 63 characters), e.g. "payments-api"'
