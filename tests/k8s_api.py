@@ -1,29 +1,51 @@
-"""A Kubernetes API server for Pods on loopback: list and watch ``/api/v1/pods`` from recorded objects.
+"""A Kubernetes API server on loopback: Pods, Namespaces and ConfigMaps, listed, watched and written.
 
 The one mock the tests allow themselves: a real HTTP server (aiohttp) that
 answers a real client (kubernetes_asyncio, configured from a kubeconfig over
 HTTP, or in-cluster over HTTPS with a trustme CA and a bearer token) in the
-shape the real API server does:
+shape the real API server does, over the objects of a :class:`k8s_store.Store`:
 
-* ``GET /api/v1/pods?limit=N&continue=T``: a ``PodList`` (``kind``,
+* collections: ``/api/v1/pods``, ``/api/v1/configmaps`` (every namespace),
+  ``/api/v1/namespaces/{ns}/pods``, ``/api/v1/namespaces/{ns}/configmaps``,
+  ``/api/v1/namespaces`` (cluster-scoped); items:
+  ``/api/v1/namespaces/{ns}/configmaps/{name}`` (and pods),
+  ``/api/v1/namespaces/{name}``;
+* ``GET`` a collection ``?limit=N&continue=T&labelSelector=S&fieldSelector=F``:
+  a ``PodList`` / ``NamespaceList`` / ``ConfigMapList`` (``kind``,
   ``apiVersion``, ``metadata.resourceVersion``, ``metadata.continue`` and
   ``remainingItemCount`` while pages remain, ``items`` without kind and
-  apiVersion), every page a snapshot of the first page's moment;
-* ``GET /api/v1/pods?watch=1&resourceVersion=R&allowWatchBookmarks=true&timeoutSeconds=T``:
-  newline-delimited JSON events ``{"type": ..., "object": ...}`` after ``R``
-  from the history, then live ones, ended after ``T`` seconds (a bookmark
-  first, when allowed); ``R`` older than the history kept: ``410 Gone`` as the
-  HTTP status with a ``Status`` body, or as an ERROR event in a 200 stream
-  (:meth:`KubeApi.expire` chooses which, as the real server answers either way);
-* every change (:meth:`add`, :meth:`modify`, :meth:`delete`) gets the next
-  resourceVersion, as the server stamps it; :meth:`advance` moves the version
-  as writes to other kinds of objects do (which only bookmarks then show).
+  apiVersion), every page a snapshot of the first page's moment; label
+  selectors are equality-based (``k=v``, ``k!=v``, ``k``, ``!k``, comma
+  lists), field selectors ``metadata.name`` and ``metadata.namespace``;
+* ``GET`` a collection ``?watch=1&resourceVersion=R&allowWatchBookmarks=true&timeoutSeconds=T``
+  (same selectors): newline-delimited JSON events ``{"type": ..., "object": ...}``
+  after ``R`` from the history, then live ones, ended after ``T`` seconds (a
+  bookmark first, when allowed); no ``R`` (or ``0``): the objects of the moment
+  as ADDED first. An object that starts matching a watch's selectors is ADDED
+  to it, one that stops matching is DELETED from it (its previous content), as
+  the real server's watch cache does. ``R`` older than the history kept:
+  ``410 Gone`` as the HTTP status with a ``Status`` body, or as an ERROR event
+  in a 200 stream (:meth:`KubeApi.expire` chooses which, as the real server
+  answers either way);
+* ``GET`` an item; ``POST`` a collection (create: 409 AlreadyExists when
+  present, 404 when its namespace is missing, 403 when it is terminating);
+  ``PUT`` an item (replace: 404 when absent, 409 Conflict when the body's
+  ``metadata.resourceVersion`` is stale, none: unconditional); ``DELETE`` an
+  item (404 when absent, 409 when a ``preconditions`` of the DeleteOptions
+  body fails; a ``Status`` of Success as the answer), a Namespace with
+  everything in it. Refusals carry the ``Status`` body the real server words;
+* every change, by a request or by the test (:meth:`add`, :meth:`modify`,
+  :meth:`delete`), gets the next resourceVersion (one counter for every kind,
+  as the server stamps it) and an event to every watch it matches;
+  :meth:`advance` moves the version as writes to other kinds of objects do
+  (which only bookmarks then show).
 
 The test steers it from any thread (it usually runs in a
-:class:`egressd.lab.LabThread`): push events, expire the history, cut
-connections, fail every request with a status, pause (requests and streams
-hang), go down (connections refused) and come back. :attr:`requests` records
-every request received, in order.
+:class:`egressd.lab.LabThread`): change objects, push bookmarks, expire the
+history, cut connections, fail every request with a status, pause (requests
+and streams hang), go down (connections refused) and come back; it reads the
+objects with :meth:`read` and :meth:`items`. :attr:`requests` records every
+request received, in order.
 """
 
 from __future__ import annotations
@@ -33,10 +55,8 @@ import base64
 import concurrent.futures
 import copy
 import json
-import secrets
 import ssl
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,19 +67,40 @@ import orjson
 import trustme
 from aiohttp import web
 
+from k8s_store import (
+    RESOURCES,
+    ApiStatus,
+    Change,
+    Filter,
+    Store,
+    configmap,
+    namespace,
+    parse_fields,
+    parse_labels,
+    pod,
+    resource_of,
+    status_object,
+    typed,
+    with_ip,
+    with_phase,
+)
+
+__all__ = ["KubeApi", "Seen", "configmap", "flag", "namespace", "pod", "status_object", "with_ip", "with_phase"]
+
 T = TypeVar("T")
 
 CONTROL_TIMEOUT = 5.0  # seconds a control call from another thread waits for the server's loop
 HOLD_LIMIT = 60.0  # seconds a paused request or stream waits at most
 MAX_WATCH_SECONDS = 120.0  # a watch without timeoutSeconds ends after this (the real server picks 30-60 min)
 _CUT = object()  # tells a watch stream that its connection was cut
-_FAILURES = {  # status -> (reason, message) as the API server words them
-    403: ("Forbidden", 'pods is forbidden: User "system:serviceaccount:egress:egressd" cannot list resource '
-          '"pods" in API group "" at the cluster scope'),
+_FAILURES = {  # status -> (reason, message) as the API server words them; {verb} {resource} filled in
+    403: ("Forbidden", '{resource} is forbidden: User "system:serviceaccount:egress:egressd" cannot {verb} '
+          'resource "{resource}" in API group "" {scope}'),
     429: ("TooManyRequests", "Too many requests, please try again later."),
     500: ("InternalError", "Internal error occurred: an error on the server has prevented the request"),
     503: ("ServiceUnavailable", "The server is currently unable to handle the request"),
 }
+_VERBS = {"GET": "get", "POST": "create", "PUT": "update", "DELETE": "delete"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,121 +122,52 @@ def flag(value: str | None) -> bool:
     return bool(value) and value != "0" and value.lower() != "false"  # type: ignore[union-attr]
 
 
-def pod(
-    name: str,
-    ip: str | tuple[str, ...] | None = "10.244.1.10",
-    *,
-    namespace: str = "default",
-    serviceaccount: str | None = "default",
-    phase: str = "Running",
-    host_network: bool = False,
-    uid: str | None = None,
-    labels: dict[str, str] | None = None,
-    node: str = "node-a",
-    node_ip: str = "192.168.49.2",
-) -> dict[str, Any]:
-    """A Pod as the API server returns it; ``ip``: one address, a tuple (``podIPs``, dual stack), or None (no
-    IP yet); ``serviceaccount`` None leaves ``spec.serviceAccountName`` out."""
-    ips = (ip,) if isinstance(ip, str) else tuple(ip or ())
-    if host_network:
-        ips = (node_ip,)
-    app = labels or {"app": name.rsplit("-", 2)[0]}
-    spec: dict[str, Any] = {
-        "volumes": [{"name": "kube-api-access", "projected": {"defaultMode": 420, "sources": [
-            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
-            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
-        ]}}],
-        "containers": [{
-            "name": "app", "image": "registry.example/app:1.4.2",
-            "ports": [{"containerPort": 8080, "protocol": "TCP"}],
-            "resources": {}, "terminationMessagePath": "/dev/termination-log",
-            "terminationMessagePolicy": "File", "imagePullPolicy": "IfNotPresent",
-            "volumeMounts": [{"name": "kube-api-access", "readOnly": True,
-                              "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}],
-        }],
-        "restartPolicy": "Always", "terminationGracePeriodSeconds": 30, "dnsPolicy": "ClusterFirst",
-        "nodeName": node, "securityContext": {}, "schedulerName": "default-scheduler",
-        "tolerations": [
-            {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute",
-             "tolerationSeconds": 300},
-        ],
-        "priority": 0, "enableServiceLinks": True, "preemptionPolicy": "PreemptLowerPriority",
-    }
-    if serviceaccount is not None:
-        spec["serviceAccountName"] = serviceaccount
-        spec["serviceAccount"] = serviceaccount  # the deprecated alias the server still fills in
-    if host_network:
-        spec["hostNetwork"] = True  # the server omits the field when false
-    status: dict[str, Any] = {
-        "phase": phase,
-        "conditions": [
-            {"type": "PodScheduled", "status": "True", "lastProbeTime": None,
-             "lastTransitionTime": "2026-11-02T09:14:03Z"},
-        ],
-        "hostIP": node_ip, "hostIPs": [{"ip": node_ip}],
-        "startTime": "2026-11-02T09:14:03Z", "qosClass": "BestEffort",
-    }
-    if ips:
-        status["podIP"] = ips[0]
-        status["podIPs"] = [{"ip": a} for a in ips]
-    return {
-        "metadata": {
-            "name": name, "generateName": name.rsplit("-", 1)[0] + "-", "namespace": namespace,
-            "uid": uid or str(uuid.uuid4()), "resourceVersion": "0",
-            "creationTimestamp": "2026-11-02T09:14:03Z", "labels": app,
-        },
-        "spec": spec,
-        "status": status,
-    }
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What a request's path names: a resource, a namespace (None: all, or cluster-scoped), an item's name."""
+
+    resource: str
+    namespace: str | None
+    name: str | None
 
 
-def with_ip(obj: dict[str, Any], ip: str | tuple[str, ...] | None) -> dict[str, Any]:
-    """A copy of the pod with other addresses (None: none yet)."""
-    new = copy.deepcopy(obj)
-    ips = (ip,) if isinstance(ip, str) else tuple(ip or ())
-    new["status"].pop("podIP", None)
-    new["status"].pop("podIPs", None)
-    if ips:
-        new["status"]["podIP"] = ips[0]
-        new["status"]["podIPs"] = [{"ip": a} for a in ips]
-    return new
-
-
-def with_phase(obj: dict[str, Any], phase: str) -> dict[str, Any]:
-    """A copy of the pod in another phase (a pod that has ended keeps its IP in status)."""
-    new = copy.deepcopy(obj)
-    new["status"]["phase"] = phase
-    return new
-
-
-def status_object(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-            "message": message, "reason": reason, "code": code}
+def route(path: str) -> Route | None:
+    parts = path.strip("/").split("/")
+    if parts[:2] != ["api", "v1"]:
+        return None
+    rest = parts[2:]
+    if len(rest) == 1 and rest[0] in RESOURCES:
+        return Route(rest[0], None, None)
+    if len(rest) == 2 and rest[0] == "namespaces":
+        return Route("namespaces", None, rest[1])
+    if len(rest) in (3, 4) and rest[0] == "namespaces" and rest[2] in RESOURCES and RESOURCES[rest[2]].namespaced:
+        return Route(rest[2], rest[1], rest[3] if len(rest) == 4 else None)
+    return None
 
 
 class _Watch:
-    """One open watch stream: the events still to write (None: end it; _CUT: its connection is gone)."""
+    """One open watch stream: what it selects, the changes still to write (None: end it; _CUT: its connection is
+    gone; a dict: an event as it is)."""
 
-    def __init__(self, bookmarks: bool) -> None:
+    def __init__(self, selection: Filter, bookmarks: bool) -> None:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.selection = selection
         self.bookmarks = bookmarks
 
 
 class KubeApi:
-    """The server; ``pods`` are there from the start (each gets a resourceVersion)."""
+    """The server; ``objects`` (Pods, and Namespaces and ConfigMaps by their ``kind``) are there from the start,
+    each with a resourceVersion."""
 
     def __init__(
-        self, pods: Iterable[dict[str, Any]] = (), *, ca: trustme.CA | None = None, token: str | None = None
+        self, objects: Iterable[dict[str, Any]] = (), *, ca: trustme.CA | None = None, token: str | None = None
     ) -> None:
         """``ca``: serve HTTPS with a certificate for 127.0.0.1 from it; ``token``: demand ``Bearer token``."""
         self.requests: list[Seen] = []
         self._ca, self._token = ca, token
-        self._version = 1000
-        self._objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self._history: list[tuple[int, dict[str, Any]]] = []
-        self._oldest = 0  # a watch from an older resourceVersion is answered 410
+        self._store = Store()
+        self._published = self._store.version  # changes up to this version have gone to the watches
         self._gone_form = "status"
-        self._snapshots: dict[str, tuple[int, list[dict[str, Any]]]] = {}  # continue token -> (version, rest)
         self._watches: set[_Watch] = set()
         self._failing: int | None = None
         self._running = asyncio.Event()
@@ -205,8 +177,8 @@ class KubeApi:
         self._listener: asyncio.AbstractServer | None = None
         self._ssl: ssl.SSLContext | None = None
         self.address: tuple[str, int] = ("127.0.0.1", 0)
-        for item in pods:
-            self._change("ADDED", item)
+        for item in objects:
+            self._write("ADDED", item)
 
     # -- life ---------------------------------------------------------------------------------------
 
@@ -277,37 +249,54 @@ class KubeApi:
 
     @property
     def version(self) -> str:
-        return str(self._version)
+        return str(self._store.version)
 
     @property
     def open_watches(self) -> int:
         return len(self._watches)
 
     def lists(self) -> list[Seen]:
-        return [r for r in self.requests if not r.watch]
+        """The list requests received (GET of a collection, not a watch)."""
+        return [r for r in self.requests if r.method == "GET" and not r.watch and _is_collection(r.path)]
 
     def watches(self) -> list[Seen]:
         return [r for r in self.requests if r.watch]
 
+    def writes(self) -> list[Seen]:
+        """The POST, PUT and DELETE requests received."""
+        return [r for r in self.requests if r.method != "GET"]
+
+    def read(self, resource: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        """The stored object (with kind and apiVersion), or None."""
+        return self._call(lambda: _typed_or_none(resource, self._store.find(resource, namespace, name)))
+
+    def items(self, resource: str, *, namespace: str | None = None, labels: str = "",
+              fields: str = "") -> list[dict[str, Any]]:
+        """The stored objects a list with these selectors returns (with kind and apiVersion)."""
+        selection = Filter(resource, namespace, parse_labels(labels), parse_fields(fields))
+        return self._call(lambda: [typed(resource, o) for o in self._store.select(selection)])
+
     # -- what the test does (from any thread) -------------------------------------------------------
 
     def add(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Create the pod (ADDED); returns the stored object."""
-        return self._call(lambda: self._change("ADDED", obj))
+        """Create the object (ADDED; a Pod unless its ``kind`` says otherwise); returns the stored object."""
+        return self._call(lambda: self._write("ADDED", obj))
 
     def modify(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Replace the pod of that namespace and name (MODIFIED)."""
-        return self._call(lambda: self._change("MODIFIED", obj))
+        """Replace the object of that kind, namespace and name (MODIFIED)."""
+        return self._call(lambda: self._write("MODIFIED", obj))
 
     def delete(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """Delete the pod of that namespace and name (DELETED, with its last state)."""
-        return self._call(lambda: self._change("DELETED", obj))
+        """Delete the object of that kind, namespace and name (DELETED, with its last state); a Namespace with
+        everything in it."""
+        return self._call(lambda: self._write("DELETED", obj))
 
     def advance(self, by: int = 1) -> str:
         """Move the resourceVersion on, as writes to other kinds of objects do."""
 
         def go() -> str:
-            self._version += by
+            self._store.version += by
+            self._published = self._store.version
             return self.version
 
         return self._call(go)
@@ -316,10 +305,9 @@ class KubeApi:
         """Send a BOOKMARK at the current resourceVersion to every watch that allows them."""
 
         def go() -> str:
-            event = {"type": "BOOKMARK", "object": self._bookmark_object()}
             for watch in self._watches:
                 if watch.bookmarks:
-                    watch.queue.put_nowait(event)
+                    watch.queue.put_nowait(self._bookmark(watch.selection.resource))
             return self.version
 
         return self._call(go)
@@ -331,9 +319,8 @@ class KubeApi:
             raise ValueError(f"form is status or event, not {form!r}")
 
         def go() -> None:
-            self._oldest, self._gone_form = self._version, form
-            self._history.clear()
-            self._snapshots.clear()
+            self._gone_form = form
+            self._store.forget()
 
         self._call(go)
 
@@ -399,30 +386,25 @@ class KubeApi:
 
     # -- the state ----------------------------------------------------------------------------------
 
-    def _change(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
-        meta = obj["metadata"]
-        key = (meta["namespace"], meta["name"])
-        if kind == "ADDED" and key in self._objects:
-            raise ValueError(f"pod {key} exists already")
-        if kind != "ADDED" and key not in self._objects:
-            raise ValueError(f"no pod {key}")
-        self._version += 1
-        stored = copy.deepcopy(obj if kind != "DELETED" else self._objects[key])
-        stored["metadata"]["resourceVersion"] = str(self._version)
-        if kind == "DELETED":
-            del self._objects[key]
-        else:
-            self._objects[key] = stored
-        event = {"type": kind, "object": {"kind": "Pod", "apiVersion": "v1", **stored}}
-        self._history.append((self._version, event))
-        for watch in self._watches:
-            watch.queue.put_nowait(event)
-        return copy.deepcopy(stored)
+    def _write(self, kind: str, obj: dict[str, Any]) -> dict[str, Any]:
+        change = self._store.commit(resource_of(obj), kind, obj)
+        self._publish()
+        return typed(change.resource, change.obj) if "kind" in obj else copy.deepcopy(change.obj)
 
-    def _bookmark_object(self) -> dict[str, Any]:
-        # what the server sends: an empty Pod but for the resourceVersion (Go zero values included)
-        return {"kind": "Pod", "apiVersion": "v1", "metadata": {"resourceVersion": self.version,
-                "creationTimestamp": None}, "spec": {"containers": None}, "status": {}}
+    def _publish(self) -> None:
+        """Hand every change since the last call to the open watches."""
+        for change in self._store.since(self._published):
+            for watch in self._watches:
+                watch.queue.put_nowait(change)
+        self._published = self._store.version
+
+    def _bookmark(self, resource: str) -> dict[str, Any]:
+        # what the server sends: an empty object but for the resourceVersion (Go zero values included)
+        meta = {"resourceVersion": self.version, "creationTimestamp": None}
+        body = {"Pod": {"spec": {"containers": None}, "status": {}}, "Namespace": {"spec": {}, "status": {}},
+                "ConfigMap": {}}[RESOURCES[resource].kind]
+        return {"type": "BOOKMARK", "object": {"kind": RESOURCES[resource].kind, "apiVersion": "v1", "metadata": meta,
+                                               **body}}
 
     def _cut(self) -> None:
         for watch in list(self._watches):
@@ -441,70 +423,102 @@ class KubeApi:
         await asyncio.wait_for(self._running.wait(), HOLD_LIMIT)
         if self._token is not None and request.headers.get("Authorization") != f"Bearer {self._token}":
             return _status(401, "Unauthorized", "Unauthorized")
+        where = route(request.path)
         if self._failing is not None:
-            return _status(self._failing, *_FAILURES.get(self._failing, _FAILURES[500]))
-        if request.method != "GET" or request.path != "/api/v1/pods":
+            reason, text = _FAILURES.get(self._failing, _FAILURES[500])
+            verb = "watch" if flag(query.get("watch")) else _VERBS.get(request.method, "get")
+            if request.method == "GET" and where is not None and where.name is None and verb == "get":
+                verb = "list"
+            scope = f'in the namespace "{where.namespace}"' if where and where.namespace else "at the cluster scope"
+            return _status(self._failing, reason, text.format(resource=where.resource if where else "pods", verb=verb,
+                                                              scope=scope))
+        if where is None or request.method not in _VERBS:
             return _status(404, "NotFound", f"the server could not find the requested resource ({request.path})")
-        if flag(query.get("watch")):
-            return await self._watch(request, query)
-        return self._list(query)
+        if request.method != "GET" and (request.method == "POST") != (where.name is None):
+            return _status(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+        try:
+            if request.method == "GET" and where.name is None:
+                selection = Filter(where.resource, where.namespace, parse_labels(query.get("labelSelector", "")),
+                                   parse_fields(query.get("fieldSelector", "")))
+                if flag(query.get("watch")):
+                    return await self._watch(request, query, selection)
+                return self._list(query, selection)
+            if request.method == "GET":
+                assert where.name is not None
+                return _json(200, self._store.get(where.resource, where.namespace, where.name))
+            body = await request.read()
+            return self._change(request.method, where, orjson.loads(body) if body else {})
+        except ApiStatus as exc:
+            return _json(exc.code, status_object(exc.code, exc.reason, exc.message, exc.details))
+        except orjson.JSONDecodeError as exc:
+            return _status(400, "BadRequest", f"the body of the request was in an unknown format: {exc}")
 
-    def _list(self, query: dict[str, str]) -> web.Response:
-        token = query.get("continue")
-        if token:
-            if token not in self._snapshots:
-                return _status(410, "Expired", "The provided continue parameter is too old to display a "
-                               "consistent list result. You can start a new list without the continue parameter.")
-            version, items = self._snapshots.pop(token)
+    def _change(self, method: str, where: Route, body: dict[str, Any]) -> web.Response:
+        store = self._store
+        if method == "POST":
+            change = store.create(where.resource, where.namespace, body)
+        elif method == "PUT":
+            assert where.name is not None
+            change = store.replace(where.resource, where.namespace, where.name, body)
         else:
-            version = self._version
-            items = [copy.deepcopy(o) for _, o in sorted(self._objects.items())]
-        limit = int(query.get("limit") or 0) or len(items) or 1
-        page, rest = items[:limit], items[limit:]
-        meta: dict[str, Any] = {"resourceVersion": str(version)}
-        if rest:
-            token = secrets.token_urlsafe(12)
-            self._snapshots[token] = (version, rest)
-            meta.update({"continue": token, "remainingItemCount": len(rest)})
-        return _json(200, {"kind": "PodList", "apiVersion": "v1", "metadata": meta, "items": page})
+            assert where.name is not None
+            change = store.delete(where.resource, where.namespace, where.name, body)
+        self._publish()
+        if method == "DELETE":  # the server answers a deletion with a Status of Success (Pods: the object)
+            if where.resource == "pods":
+                return _json(200, typed(where.resource, change.obj))
+            meta = change.obj["metadata"]
+            return _json(200, {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                               "details": {"name": meta["name"], "kind": where.resource, "uid": meta.get("uid")}})
+        return _json(201 if method == "POST" else 200, typed(where.resource, change.obj))
 
-    async def _watch(self, request: web.BaseRequest, query: dict[str, str]) -> web.StreamResponse:
+    def _list(self, query: dict[str, str], selection: Filter) -> web.Response:
+        version, page, token = self._store.page(selection, int(query.get("limit") or 0), query.get("continue"))
+        meta: dict[str, Any] = {"resourceVersion": str(version)}
+        if token is not None:
+            meta.update({"continue": token, "remainingItemCount": len(self._store.snapshots[token][1])})
+        kind = RESOURCES[selection.resource].kind + "List"
+        return _json(200, {"kind": kind, "apiVersion": "v1", "metadata": meta, "items": page})
+
+    async def _watch(self, request: web.BaseRequest, query: dict[str, str], selection: Filter) -> web.StreamResponse:
         since = query.get("resourceVersion") or "0"
         seconds = min(float(query.get("timeoutSeconds") or MAX_WATCH_SECONDS), MAX_WATCH_SECONDS)
-        gone = since != "0" and int(since) < self._oldest
+        gone = since != "0" and int(since) < self._store.oldest
         if gone and self._gone_form == "status":
-            return _status(410, "Expired", f"too old resource version: {since} ({self._oldest})")
+            return _status(410, "Expired", f"too old resource version: {since} ({self._store.oldest})")
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         if gone:
-            error = status_object(410, "Expired", f"too old resource version: {since} ({self._oldest})")
+            error = status_object(410, "Expired", f"too old resource version: {since} ({self._store.oldest})")
             await resp.write(_line({"type": "ERROR", "object": error}))
             await resp.write_eof()
             return resp
-        watch = _Watch(flag(query.get("allowWatchBookmarks")))
+        watch = _Watch(selection, flag(query.get("allowWatchBookmarks")))
         if since == "0":  # from "any" version: the current objects as ADDED first
-            backlog = [{"type": "ADDED", "object": {"kind": "Pod", "apiVersion": "v1", **o}}
-                       for _, o in sorted(self._objects.items())]
+            for obj in self._store.select(selection):
+                watch.queue.put_nowait({"type": "ADDED", "object": typed(selection.resource, obj)})
         else:
-            backlog = [event for version, event in self._history if version > int(since)]
-        for event in backlog:
-            watch.queue.put_nowait(event)
+            for change in self._store.since(int(since)):
+                watch.queue.put_nowait(change)
         self._watches.add(watch)
         deadline = time.monotonic() + seconds
         try:
             while True:
                 try:
                     async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                        event = await watch.queue.get()
+                        item = await watch.queue.get()
                 except TimeoutError:  # the server ends the watch; a bookmark first, as the real one does
                     if watch.bookmarks:
-                        await resp.write(_line({"type": "BOOKMARK", "object": self._bookmark_object()}))
+                        await resp.write(_line(self._bookmark(selection.resource)))
                     break
-                if event is _CUT:
+                if item is _CUT:
                     return resp
-                if event is None:
+                if item is None:
                     break
+                event = selection.view(item) if isinstance(item, Change) else item
+                if event is None:
+                    continue
                 await asyncio.wait_for(self._running.wait(), HOLD_LIMIT)
                 await resp.write(_line(event))
             await resp.write_eof()
@@ -513,6 +527,15 @@ class KubeApi:
         finally:
             self._watches.discard(watch)
         return resp
+
+
+def _is_collection(path: str) -> bool:
+    where = route(path)
+    return where is not None and where.name is None
+
+
+def _typed_or_none(resource: str, obj: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if obj is None else typed(resource, obj)
 
 
 def _line(event: dict[str, Any]) -> bytes:
@@ -532,4 +555,3 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-

@@ -191,3 +191,58 @@ def registry_for(metrics: Metrics) -> CollectorRegistry:
     registry.register(Collector(metrics))
     registry.register(ProcessCollector(namespace="egressd", registry=None))
     return registry
+
+
+# -- the allowlist sync (egressd allowlist-sync, its own process: its own registry) ------------------
+
+SYNC_ACTIONS = (
+    "allowlist_sync_actions_total", "Writes of the allowlist sync to the copies, by action and result.",
+    ("action", "result"),
+)
+SYNC_ACTION_NAMES = ("create", "update", "delete")
+SYNC_RESULTS = ("success", "conflict", "not_found", "error")  # conflict: 409; not_found: 404 (a delete: done)
+SYNC_COPIES = ("allowlist_copies", "Copies of the allowlist ConfigMap the sync manages, after its last reconcile.", ())
+SYNC_ERRORS = (
+    "allowlist_sync_errors_total",
+    "Problems the allowlist sync met, by reason (each reconcile that meets one counts it).", ("reason",),
+)
+# list, watch: a request to the API server failed; write: a create, update or delete failed (not a conflict);
+# unmanaged: a ConfigMap of the copies' name without the owner label; other_source: a copy of another source;
+# source_missing: the source ConfigMap does not exist
+SYNC_ERROR_REASONS = ("list", "watch", "write", "unmanaged", "other_source", "source_missing")
+SYNC_LAST_SUCCESS = (
+    "allowlist_sync_last_success_timestamp_seconds",
+    "Unix time the last reconcile completed with every copy right (0: never).", (),
+)
+
+
+class SyncMetrics:
+    """The allowlist sync's counters, on its event loop thread."""
+
+    def __init__(self) -> None:
+        self.actions: defaultdict[tuple[str, str], int] = defaultdict(  # (action, result), every pair from 0
+            int, {(action, result): 0 for action in SYNC_ACTION_NAMES for result in SYNC_RESULTS})
+        self.errors: defaultdict[str, int] = defaultdict(int, dict.fromkeys(SYNC_ERROR_REASONS, 0))
+        self.copies = 0
+        self.last_success = 0.0
+
+
+class SyncCollector:
+    """Exposes a SyncMetrics object in the Prometheus data model."""
+
+    def __init__(self, metrics: SyncMetrics) -> None:
+        self._m = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._m
+        yield _counter(SYNC_ACTIONS, m.actions)
+        yield _counter(SYNC_ERRORS, {(k,): v for k, v in m.errors.items()})
+        yield GaugeMetricFamily(PREFIX + SYNC_COPIES[0], SYNC_COPIES[1], value=m.copies)
+        yield GaugeMetricFamily(PREFIX + SYNC_LAST_SUCCESS[0], SYNC_LAST_SUCCESS[1], value=m.last_success)
+
+
+def sync_registry_for(metrics: SyncMetrics) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SyncCollector(metrics))
+    registry.register(ProcessCollector(namespace="egressd", registry=None))
+    return registry

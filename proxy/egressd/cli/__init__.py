@@ -8,7 +8,8 @@
 ``egressd demo``      the offline demo (its own DNS server and HTTPS origins; ``--sidecar``: in a simulated pod)
 ``egressd init-iptables``  install the pod's iptables rules, in an init container (:mod:`egressd.cli.iptables`)
 ``egressd inject-webhook``  the mutating admission webhook that injects the sidecar (:mod:`egressd.cli.webhook`)
-``egressd allowlist-sync``  mirror the allowlist ConfigMap into every namespace labelled for injection (:mod:`egressd.cli.sync`)
+``egressd allowlist-sync``  copy the allowlist ConfigMap into every namespace labelled for injection
+                            (:mod:`egressd.cli.sync`)
 """
 
 from __future__ import annotations
