@@ -64,11 +64,19 @@ Around it: :mod:`egressd.app` (start, signals, drain), :mod:`egressd.reload`
 (``/metrics``, ``/healthz``, ``/readyz``), :mod:`egressd.cli` (one module per
 subcommand group: :mod:`egressd.cli.run` for ``run``/``sidecar``,
 :mod:`egressd.cli.policy` for ``validate``/``check``,
-:mod:`egressd.cli.iptables` for ``init-iptables``), the Kubernetes install's
-names in :mod:`egressd.kube`, and :mod:`egressd.demo`
-with the stand-ins of :mod:`egressd.lab` on loopback, or
+:mod:`egressd.cli.iptables` for ``init-iptables``, :mod:`egressd.cli.webhook`
+and :mod:`egressd.cli.sync` for the injector's two processes), and
+:mod:`egressd.demo` with the stand-ins of :mod:`egressd.lab` on loopback, or
 :mod:`egressd.demo_sidecar` in the simulated pod of :mod:`egressd.lab.pod`
 (namespaces from :mod:`egressd.lab.netns`).
+
+In Kubernetes (names shared with ``k8s/`` in :mod:`egressd.kube`): the
+admission webhook of :mod:`egressd.webhook` answers each new pod with
+:func:`egressd.inject.review`, a JSON patch built from the templates of
+``sidecar/`` (:mod:`egressd.sidecartemplates`) that adds ``init-iptables`` and
+egressd as a native sidecar; :mod:`egressd.allowlistsync` keeps a copy of the
+allowlist ConfigMap in every namespace labelled for injection (the decisions in
+the pure :mod:`egressd.allowlistplan`), for the sidecars to mount.
 """
 
 __version__ = "0.1.0"
