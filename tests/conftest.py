@@ -12,6 +12,7 @@ import pytest
 
 from egressd.lab import DnsServer, EchoOrigin, HttpOrigin, LabThread, Servfail, Slow, TlsOrigin, make_ca
 from harness import ProxyProcess, write_allowlists
+from k8s_api import KubeApi
 
 ISOLATED = os.environ.get("EGRESSD_TEST_NETNS") == "1"
 
@@ -122,3 +123,28 @@ def start_proxy(lab: Lab, tmp_path: Path) -> Iterator[ProxyFactory]:
 def service_yaml(rules: str, service: str = "svc", mode: str = "enforce") -> str:
     """A service allowlist file with the given rules (YAML list items, indented by two)."""
     return f"version: v1\nservice: {service}\nmode: {mode}\nallow:\n{rules}"
+
+
+@pytest.fixture(scope="module")
+def kube_thread() -> Iterator[LabThread]:
+    """A lab thread for the Kubernetes API mock of :mod:`k8s_api`, one per test module."""
+    with LabThread() as thread:
+        yield thread
+
+
+@pytest.fixture
+def api(kube_thread: LabThread) -> Iterator[Callable[..., KubeApi]]:
+    """Start a KubeApi (arguments as KubeApi's: the objects it holds, then options) in the lab thread; stopped
+    after the test."""
+    servers: list[KubeApi] = []
+
+    def start(objects=(), **kw) -> KubeApi:
+        server = KubeApi(objects, **kw)
+        kube_thread.run(server.start())
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        kube_thread.run(server.stop())
+    assert not kube_thread.errors

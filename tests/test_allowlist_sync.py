@@ -48,7 +48,6 @@ from egressd.allowlistplan import (
 from egressd.allowlistsync import AllowlistSync, Timing
 from egressd.cli import main as cli_main
 from egressd.cli.sync import admin_for
-from egressd.lab import LabThread
 from harness import http_get
 from k8s_api import KubeApi, configmap, namespace
 
@@ -297,28 +296,6 @@ FAST = Timing(request_timeout=2.0, watch_seconds=60, idle_timeout=30.0, backoff_
               page_size=2)
 DEADLINE = 10.0
 
-
-@pytest.fixture(scope="module")
-def kube_thread():
-    with LabThread() as thread:
-        yield thread
-
-
-@pytest.fixture
-def api(kube_thread):
-    """Start a KubeApi (arguments as KubeApi's) in the lab thread; stopped after the test."""
-    servers: list[KubeApi] = []
-
-    def start(objects=(), **kw) -> KubeApi:
-        server = KubeApi(objects, **kw)
-        kube_thread.run(server.start())
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        kube_thread.run(server.stop())
-    assert not kube_thread.errors
 
 
 def source(data: dict[str, str] | None = None, binary: dict[str, str] | None = None) -> dict[str, Any]:

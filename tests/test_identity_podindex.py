@@ -21,7 +21,6 @@ import trustme
 from egressd.identity import Identity
 from egressd.identity.podindex import ClientConfigError, PodIndex, Timing
 from egressd.identity.podtable import Expired, PodTable, WatchError
-from egressd.lab import LabThread
 from harness import Clock
 from k8s_api import KubeApi, flag, pod, with_ip, with_phase
 
@@ -183,28 +182,6 @@ DEADLINE = 5.0
 
 
 
-
-@pytest.fixture(scope="module")
-def kube_thread():
-    with LabThread() as thread:
-        yield thread
-
-
-@pytest.fixture
-def api(kube_thread):
-    """Start a KubeApi (arguments as KubeApi's) in the lab thread; stopped after the test."""
-    servers: list[KubeApi] = []
-
-    def start(pods=(), **kw) -> KubeApi:
-        server = KubeApi(pods, **kw)
-        kube_thread.run(server.start())
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        kube_thread.run(server.stop())
-    assert not kube_thread.errors
 
 
 async def until(predicate: Callable[[], Any], what: str, timeout: float = DEADLINE,
