@@ -15,6 +15,7 @@ from egressd import iptables
 from egressd.addresses import parse_cidr
 from egressd.cli.run import env_list
 from egressd.config import ConfigError, env_default
+from egressd.policy.model import IPNetwork
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
@@ -53,7 +54,7 @@ def _flag(value: bool | None, name: str) -> bool:
     return text in _TRUE
 
 
-def _values(given: list[str] | None, name: str) -> list[str]:
+def flag_values(given: list[str] | None, name: str) -> list[str]:
     """A repeatable flag's values (each may be a comma list), else its variable's; duplicates dropped."""
     texts = env_list(name) if given is None else [v.strip() for g in given for v in g.split(",") if v.strip()]
     return list(dict.fromkeys(texts))
@@ -66,22 +67,27 @@ def _number(text: str, name: str, what: str) -> int:
     return int(text)
 
 
-def rules_from(args: argparse.Namespace) -> iptables.PodRules:
+def exclude_cidrs(given: list[str] | None) -> tuple[IPNetwork, ...]:
+    """The ``--exclude-cidr`` values (else ``EGRESSD_EXCLUDE_CIDR``) as networks, duplicates dropped."""
     cidrs = []
-    for text in _values(args.exclude_cidr, "exclude-cidr"):
+    for text in flag_values(given, "exclude-cidr"):
         try:
             cidrs.append(parse_cidr(text))
         except ValueError as exc:
             raise ConfigError(f"--exclude-cidr: {exc}") from None
+    return tuple(dict.fromkeys(cidrs))
+
+
+def rules_from(args: argparse.Namespace) -> iptables.PodRules:
     return iptables.PodRules(
         proxy_uid=_number(args.proxy_uid, "proxy-uid", "a user ID, e.g. 1337"),
         transparent_port=_number(args.transparent_port, "transparent-port", "a port, e.g. 15001"),
         dns_port=_number(args.dns_port, "dns-port", "a port, e.g. 15053"),
-        exclude_cidrs=tuple(dict.fromkeys(cidrs)),
+        exclude_cidrs=exclude_cidrs(args.exclude_cidr),
         exclude_ports=tuple(_number(p, "exclude-port", "a port 1-65535")
-                            for p in _values(args.exclude_port, "exclude-port")),
+                            for p in flag_values(args.exclude_port, "exclude-port")),
         exclude_uids=tuple(_number(u, "exclude-uid", "a user ID")
-                           for u in _values(args.exclude_uid, "exclude-uid")),
+                           for u in flag_values(args.exclude_uid, "exclude-uid")),
     )
 
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import egressd
 from egressd import inject, kube, webhook
-from egressd.addresses import parse_cidr
-from egressd.cli.run import env_list
+from egressd.cli.iptables import exclude_cidrs, flag_values
 from egressd.config import ConfigError, env_default, parse_hostport
 
 INSTALLED_TEMPLATES = Path("/usr/share/egressd/sidecar")  # where the image copies the repository's sidecar/
@@ -46,12 +45,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"the patch templates' directory (the source tree's sidecar/, else {INSTALLED_TEMPLATES})")
 
 
-def _values(given: list[str] | None, name: str) -> list[str]:
-    """A repeatable flag's values (each may be a comma list), else its variable's."""
-    texts = env_list(name) if given is None else [v.strip() for g in given for v in g.split(",") if v.strip()]
-    return list(dict.fromkeys(texts))
-
-
 def parse_listen(text: str) -> tuple[str | None, int]:
     """``:PORT`` (every address, None) or ``IP:PORT``."""
     if text.startswith(":") and text[1:].isdigit() and int(text[1:]) <= 65535:
@@ -66,18 +59,13 @@ def settings_from(args: argparse.Namespace) -> inject.Settings:
         raise ConfigError(f"--image (or EGRESSD_IMAGE) is required: the egressd image, e.g. egressd:{kube.VERSION}")
     if not args.namespace:
         raise ConfigError(f"--namespace (or EGRESSD_NAMESPACE) is empty: give egressd's namespace ({kube.NAMESPACE})")
-    cidrs = []
-    for text in _values(args.exclude_cidr, "exclude-cidr"):
-        try:
-            cidrs.append(parse_cidr(text))
-        except ValueError as exc:
-            raise ConfigError(f"--exclude-cidr: {exc}") from None
+    cidrs = exclude_cidrs(args.exclude_cidr)
     ports = []
-    for text in _values(args.exclude_port, "exclude-port"):
+    for text in flag_values(args.exclude_port, "exclude-port"):
         if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
             raise ConfigError(f"--exclude-port (or EGRESSD_EXCLUDE_PORT) {text!r}: expected a port 1-65535")
         ports.append(int(text))
-    return inject.Settings(image=args.image, namespace=args.namespace, exclude_cidrs=tuple(dict.fromkeys(cidrs)),
+    return inject.Settings(image=args.image, namespace=args.namespace, exclude_cidrs=cidrs,
                            exclude_ports=tuple(dict.fromkeys(ports)))
 
 
