@@ -54,6 +54,17 @@ def write_allowlists(directory: Path, files: dict[str, str]) -> Path:
     return directory
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = DEADLINE) -> int:
+    """SIGTERM (if still running), wait up to ``timeout``, then SIGKILL; the exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(timeout)
+
+
 class ProxyProcess:
     """egressd run in a subprocess, with its audit log, stderr lines and admin endpoint."""
 
@@ -134,13 +145,7 @@ class ProxyProcess:
         self.proc.send_signal(sig)
 
     def stop(self, timeout: float = DEADLINE) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(timeout)
+        return stop_process(self.proc, timeout)
 
 
 def _json(line: str) -> dict:

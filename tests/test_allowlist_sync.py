@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import queue
-import signal
 import subprocess
 import sys
 import threading
@@ -48,7 +47,7 @@ from egressd.allowlistplan import (
 from egressd.allowlistsync import AllowlistSync, Timing
 from egressd.cli import main as cli_main
 from egressd.cli.sync import admin_for
-from harness import http_get
+from harness import http_get, stop_process
 from k8s_api import KubeApi, configmap, namespace
 
 NAME, SOURCE_NS = kube.ALLOWLISTS_CONFIGMAP, kube.NAMESPACE
@@ -708,14 +707,7 @@ class SyncProcess:
                 return line
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(DEADLINE)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(DEADLINE)
-            raise
+        return stop_process(self.proc, DEADLINE)
 
 
 def test_the_command_converges_and_answers_readyz(api, tmp_path):

@@ -31,6 +31,7 @@ import yaml
 
 import pss
 from egressd import kube
+from harness import stop_process
 from test_inject import K8S_VERSION, admission_review, apply_patch, check_patched, decoded_patch, make_pod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,13 +103,7 @@ class Webhook:
         return f"https://127.0.0.1:{self.address[1]}{path}"
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(DEADLINE)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(DEADLINE)
+        return stop_process(self.proc, DEADLINE)
 
 
 @pytest.fixture(scope="module")
