@@ -40,7 +40,7 @@ from typing import Any
 import orjson
 
 from egressd import kube
-from egressd.identity.podindex import _status_fields
+from egressd.kubeclient import status_fields
 
 Pairs = tuple[tuple[str, str], ...]  # a ConfigMap's data or binaryData, sorted by key
 
@@ -198,7 +198,7 @@ class ApiError(Exception):
     """The API server answered with an error status (its ``Status`` reason and message)."""
 
     def __init__(self, status: int, body: bytes) -> None:
-        reason, message = _status_fields(body)
+        reason, message = status_fields(body)
         hint = {
             401: " (the credentials were not accepted: the service account token, or the kubeconfig's user)",
             403: f" ({RBAC_HINT})",

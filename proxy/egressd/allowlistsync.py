@@ -25,7 +25,9 @@ bounded pause: the process never stops for one.
 Watches resume from their last resourceVersion (events and bookmarks move it);
 after a ``410 Gone`` (the HTTP status, or an ERROR event) they start again from
 the current state and the reconcile that follows lists everything. A watch
-silent for ``Timing.idle_timeout`` is taken for a dead connection.
+silent for ``Timing.idle_timeout`` is taken for a dead connection. The client,
+its paged lists and its watches are :mod:`egressd.kubeclient`'s, as the pod
+index's are.
 
 API verbs used (the ClusterRole grants these only): namespaces list, watch;
 configmaps list, watch, create, update, delete, in every namespace.
@@ -35,18 +37,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import orjson
 import structlog
 
-from egressd import kube
+from egressd import kube, kubeclient
 from egressd.allowlistplan import (
     Action,
     ApiError,
@@ -63,32 +62,19 @@ from egressd.allowlistplan import (
     source_missing,
     watch_event,
 )
-from egressd.identity.podindex import SERVICE_ACCOUNT, ClientConfigError, _deadline, _describe
+from egressd.kubeclient import SERVICE_ACCOUNT, ClientConfig, ClientConfigError, Timing
 from egressd.metrics import SyncMetrics
 
 log = structlog.get_logger("egressd")
 
-CLOSE_TIMEOUT = 5.0  # seconds to close the HTTP client when the sync stops
-LIST_RESTARTS = 3  # times a paged list starts over when its continue token expires
 WRITES_AT_ONCE = 8  # creates, updates and deletes in flight at once
 _PAST = {Verb.CREATE: "created", Verb.UPDATE: "updated", Verb.DELETE: "deleted"}
 
 # What a failed attempt can raise (malformed JSON included); anything else is a bug.
 _FAILURES: tuple[type[BaseException], ...] = (
     ApiError, ClientConfigError, OSError, TimeoutError, aiohttp.ClientError, ValueError, TypeError, KeyError,
+    AttributeError,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    """How long the sync waits for the API server, and how it backs off."""
-
-    request_timeout: float = 30.0  # one request, or the response head of a watch
-    watch_seconds: int = 300  # timeoutSeconds of each watch
-    idle_timeout: float = 120.0  # a watch silent this long (no event, no bookmark) is re-opened
-    backoff_min: float = 0.5  # first pause after a failure or a conflict; doubles per one in a row (jittered)
-    backoff_max: float = 30.0
-    page_size: int = 500
 
 
 class AllowlistSync:
@@ -104,15 +90,13 @@ class AllowlistSync:
         metrics: SyncMetrics | None = None,
         service_account: str = SERVICE_ACCOUNT,
         environ: Mapping[str, str] | None = None,
-        timing: Timing = Timing(),
+        timing: Timing = kubeclient.DEFAULT_TIMING,
     ) -> None:
         """``kubeconfig``: a kubeconfig file; None: in-cluster (the token and ca.crt in ``service_account``, and
         ``KUBERNETES_SERVICE_HOST``/``PORT`` in ``environ``). ClientConfigError at once when those are missing."""
         if resync_interval <= 0:
             raise ValueError("resync_interval must be positive")
-        self.kubeconfig, self.service_account = kubeconfig, service_account
-        self.environ = os.environ if environ is None else environ
-        _check_config(kubeconfig, service_account, self.environ)
+        self.config = ClientConfig(kubeconfig, None, service_account, environ)
         self.namespace, self.name, self.ref = namespace, configmap, f"{namespace}/{configmap}"
         self._injected = f"{kube.INJECT_LABEL}={kube.INJECT_ENABLED}"  # the selectors of the lists and watches
         self._owned = f"{kube.MANAGED_BY_LABEL}={kube.SYNC_MANAGER}"
@@ -135,10 +119,8 @@ class AllowlistSync:
 
     async def run(self) -> None:
         """Watch and reconcile until cancelled; failures are logged and retried."""
-        api = await self._client()
-        from kubernetes_asyncio.client import CoreV1Api
-
-        core = CoreV1Api(api)
+        api = await self._connect()
+        core = kubeclient.core(api)
         try:
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self._reconcile_loop(core))
@@ -149,9 +131,7 @@ class AllowlistSync:
                 tasks.create_task(self._watch_loop("copies", lambda **kw: core.list_config_map_for_all_namespaces(
                     label_selector=self._owned, **kw)))
         finally:
-            with contextlib.suppress(TimeoutError):  # never in place of the cancellation under way
-                async with asyncio.timeout(CLOSE_TIMEOUT):
-                    await api.close()
+            await kubeclient.close(api)
 
     # -- the reconciler -----------------------------------------------------------------------------
 
@@ -166,7 +146,7 @@ class AllowlistSync:
             try:
                 right = await self._reconcile(core)
             except _FAILURES as exc:
-                self._last_error = _describe(exc)
+                self._last_error = kubeclient.describe(exc)
                 self.metrics.errors["list"] += 1
                 log.warning("allowlist_sync.error", reason="list", error=self._last_error)
                 right = False
@@ -174,15 +154,17 @@ class AllowlistSync:
                 failures = 0
                 continue
             failures += 1
-            await asyncio.sleep(self._pause(failures))
+            await asyncio.sleep(kubeclient.backoff(self.timing, failures))
             self._wake.set()
 
     async def _reconcile(self, core: Any) -> bool:
         """List, plan, write; True when every copy is right (no conflict, no failed write)."""
-        listed, version = await self._list(core.list_namespace, label_selector=self._injected)
-        namespaces = [namespace_from(o) for o in listed]
-        listed, _ = await self._list(core.list_config_map_for_all_namespaces, field_selector=self._named)
-        maps = [configmap_from(o) for o in listed]
+        listed = await kubeclient.list_all(core.list_namespace, self.timing, "a list", ApiError,
+                                           label_selector=self._injected)
+        namespaces, version = [namespace_from(o) for o in listed.items], listed.resource_version
+        listed = await kubeclient.list_all(core.list_config_map_for_all_namespaces, self.timing, "a list", ApiError,
+                                           field_selector=self._named)
+        maps = [configmap_from(o) for o in listed.items]
         source = next((m for m in maps if m.namespace == self.namespace), None)
         copies = [m for m in maps if m.namespace != self.namespace]
         actions = plan(source, self.ref, namespaces, copies)
@@ -220,7 +202,7 @@ class AllowlistSync:
         """One create, update or delete; its result (:func:`egressd.allowlistplan.result_of`), logged and counted."""
         ns, name, verb, error = action.namespace, self.name, action.verb, ""
         try:
-            async with _deadline(self.timing.request_timeout, f"the {verb} of ConfigMap {ns}/{name}"):
+            async with kubeclient.deadline(self.timing.request_timeout, f"the {verb} of ConfigMap {ns}/{name}"):
                 if verb is Verb.CREATE:
                     resp = await core.create_namespaced_config_map(ns, copy_body(source, ns), _preload_content=False)
                 elif verb is Verb.UPDATE:
@@ -238,7 +220,7 @@ class AllowlistSync:
             if result != "success":
                 error = str(ApiError(resp.status, body))
         except _FAILURES as exc:
-            result, error = "error", _describe(exc)
+            result, error = "error", kubeclient.describe(exc)
         self.metrics.actions[(str(verb), result)] += 1
         fields = {"namespace": ns, "configmap": name, "reason": str(action.reason),
                   "source_resource_version": source.resource_version}
@@ -258,29 +240,6 @@ class AllowlistSync:
                   source_resource_version=source.resource_version if source else None,
                   detail=skip_detail(action, self.name, self.ref))
 
-    async def _list(self, call: Callable[..., Any], **selectors: str) -> tuple[list[dict[str, Any]], str | None]:
-        """Every page of a list (started over when a continue token expires), and its resourceVersion."""
-        items: list[dict[str, Any]] = []
-        token, restarts, version = None, 0, None
-        while True:
-            async with _deadline(self.timing.request_timeout, "a page of a list"):
-                resp = await call(limit=self.timing.page_size, _continue=token, _preload_content=False, **selectors)
-                try:
-                    body = await resp.read()
-                finally:
-                    resp.release()
-            if resp.status == 410 and token is not None and restarts < LIST_RESTARTS:
-                items, token, restarts, version = [], None, restarts + 1, None
-                continue
-            if resp.status != 200:
-                raise ApiError(resp.status, body)
-            page = orjson.loads(body)
-            meta = page.get("metadata") or {}
-            items.extend(page.get("items") or ())
-            version, token = version or meta.get("resourceVersion"), meta.get("continue") or None
-            if token is None:
-                return items, version
-
     # -- the watches --------------------------------------------------------------------------------
 
     async def _watch_loop(self, what: str, call: Callable[..., Any]) -> None:
@@ -297,31 +256,23 @@ class AllowlistSync:
                 cursor.version, progressed = None, True
             except _FAILURES as exc:
                 self.metrics.errors["watch"] += 1
-                log.warning("allowlist_sync.watch_retry", watch=what, error=_describe(exc), failures=failures + 1)
+                log.warning("allowlist_sync.watch_retry", watch=what, error=kubeclient.describe(exc),
+                            failures=failures + 1)
                 progressed = False
             if progressed:
                 failures = 0
                 continue
             failures += 1
-            await asyncio.sleep(self._pause(failures))
+            await asyncio.sleep(kubeclient.backoff(self.timing, failures))
 
     async def _watch(self, call: Callable[..., Any], cursor: _Cursor) -> bool:
         """One watch from the cursor until the server ends it; True when it made progress."""
         timing, loop = self.timing, asyncio.get_running_loop()
         started, events = loop.time(), cursor.events
-        async with _deadline(timing.request_timeout, "the watch request"):
-            resp = await call(watch=True, allow_watch_bookmarks=True, resource_version=cursor.version,
-                              timeout_seconds=timing.watch_seconds, _preload_content=False)
-        try:
-            if resp.status != 200:
-                async with _deadline(timing.request_timeout, "the body of an error status"):
-                    body = await resp.content.read(65536)
-                raise (Expired if resp.status == 410 else ApiError)(resp.status, body)
+        async with kubeclient.watch(call, cursor.version, timing, _watch_error) as resp:
             while True:
-                try:
-                    async with asyncio.timeout(timing.idle_timeout):
-                        line = await resp.content.readline()
-                except TimeoutError:
+                line = await kubeclient.next_line(resp, timing.idle_timeout)
+                if line is None:
                     return True
                 if not line:  # the server ended it: progress, unless it did so at once and said nothing
                     return cursor.events > events or loop.time() - started >= 1.0
@@ -330,44 +281,18 @@ class AllowlistSync:
                     cursor.version, cursor.events = version or cursor.version, cursor.events + 1
                     if change:
                         self._wake.set()
-        finally:
-            resp.close()
 
-    def _pause(self, failures: int) -> float:
-        pause = min(self.timing.backoff_max, self.timing.backoff_min * 2 ** (failures - 1))
-        return pause * random.uniform(0.5, 1.0)
-
-    async def _client(self) -> Any:
-        """An ApiClient from the kubeconfig or in-cluster (files read in a thread), retried until it loads."""
-        from kubernetes_asyncio.client import ApiClient, Configuration
-        from kubernetes_asyncio.config import load_incluster_config, load_kube_config
-
-        sa, failures = self.service_account, 0
+    async def _connect(self) -> Any:
+        """An ApiClient (:meth:`egressd.kubeclient.ClientConfig.connect`), retried until the configuration loads."""
+        failures = 0
         while True:
-            cfg = Configuration()
             try:
-                async with _deadline(self.timing.request_timeout, "loading the client configuration"):
-                    if self.kubeconfig is not None:  # (an exec credential plugin may run: its own loop, in the thread)
-                        load = load_kube_config(self.kubeconfig, None, cfg, persist_config=False)
-                        await asyncio.to_thread(asyncio.run, load)  # type: ignore[arg-type]
-                    else:
-                        await asyncio.to_thread(
-                            load_incluster_config, cfg, token_filename=os.path.join(sa, "token"),
-                            cert_filename=os.path.join(sa, "ca.crt"), environ=dict(self.environ))
-                reread = cfg.refresh_api_key_hook
-                if reread is not None:  # it re-reads the rotated token file: in a thread, not on the loop
-
-                    async def refresh(config: Any, reread: Any = reread) -> None:
-                        await asyncio.to_thread(reread, config)
-
-                    cfg.refresh_api_key_hook = refresh
-                return ApiClient(cfg)
-            except Exception as exc:  # the library's many errors, mapped to one at this boundary
+                return await self.config.connect(self.timing.request_timeout)
+            except ClientConfigError as exc:
                 failures += 1
-                where = f"kubeconfig {self.kubeconfig}" if self.kubeconfig is not None else f"in-cluster ({sa})"
-                self._last_error = f"the Kubernetes client configuration does not load ({where}): {exc}"
+                self._last_error = str(exc)
                 log.error("allowlist_sync.error", reason="client", error=self._last_error)
-                await asyncio.sleep(self._pause(failures))
+                await asyncio.sleep(kubeclient.backoff(self.timing, failures))
 
 
 class _Cursor:
@@ -378,15 +303,6 @@ class _Cursor:
         self.events = 0
 
 
-def _check_config(kubeconfig: str | None, service_account: str, environ: Mapping[str, str]) -> None:
-    if kubeconfig is not None:
-        if not os.path.isfile(kubeconfig):
-            raise ClientConfigError(f"the kubeconfig {kubeconfig} is not a file: give --kubeconfig an existing file")
-        return
-    missing = [v for v in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT") if not environ.get(v)]
-    missing += [f for f in ("token", "ca.crt") if not os.path.isfile(os.path.join(service_account, f))]
-    if missing:
-        raise ClientConfigError(
-            f"not in a pod with a service account ({', '.join(missing)} missing in the environment or "
-            f"{service_account}): give --kubeconfig, or mount the service account token"
-        )
+def _watch_error(status: int, body: bytes) -> ApiError:
+    """The error of a watch request's status: Expired for 410 Gone (start again from the current state)."""
+    return (Expired if status == kubeclient.GONE else ApiError)(status, body)
