@@ -336,6 +336,16 @@ class KubeApi:
 
         self._call(go)
 
+    def stray(self, line: Any) -> None:
+        """Send ``line`` as one more line of JSON on every open watch: something no server should send (a list, a
+        number), for the client's handling of what is not an event."""
+
+        def go() -> None:
+            for watch in self._watches:
+                watch.queue.put_nowait(line)
+
+        self._call(go)
+
     def cut(self) -> None:
         """Abort every connection (open watches included), as a network failure would."""
         self._call(self._cut)

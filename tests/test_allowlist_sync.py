@@ -587,6 +587,23 @@ def test_a_410_on_a_watch_relists(api, tmp_path, form):
     scenario(server, tmp_path, body, resync_interval=3600)
 
 
+@pytest.mark.parametrize("line", [[], 7, "text", False], ids=["list", "number", "string", "false"])
+def test_a_watch_line_that_is_no_event_is_retried(api, tmp_path, line):
+    """A watch line that is JSON but not an event object is counted as a watch failure and the watches start
+    again; the sync keeps converging."""
+    server = api([source(), labelled("shop")])
+
+    async def body(run: Running) -> None:
+        await run.converged(server, {"shop": DATA}, "the first copy")
+        await run.until(lambda: server.open_watches == 3, "the three watches")
+        server.stray(line)
+        server.add(labelled("cart"))
+        await run.converged(server, {"cart": DATA, "shop": DATA}, "the copy after the stray line")
+        assert run.sync.metrics.errors["watch"] >= 1
+
+    scenario(server, tmp_path, body, resync_interval=3600)
+
+
 def test_two_sync_loops_at_once_converge(api, tmp_path):
     """Two replicas at once converge on the same copies, their conflicts re-planned, with no failed write and no
     write once converged."""
