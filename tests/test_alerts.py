@@ -40,6 +40,8 @@ ALERTS = {
     "EgressdAllowlistSyncDown": ("namespace", "pod", "instance"),
     "EgressdJwksRefreshFailing": ("job", "namespace", "pod"),
     "EgressdAuditWriteFailing": ("job", "namespace", "pod"),
+    "EgressdAllowlistSyncFailing": ("job", "namespace", "pod", "reason"),
+    "EgressdAllowlistCopyUnmanaged": ("job", "namespace", "reason"),
 }
 
 # Closed label values (see egressd.metrics and the modules that count): label -> values, or per metric.
@@ -48,6 +50,12 @@ RESULTS = {
     "egressd_jwks_refresh_total": {"success", "error"},  # egressd.identity.jwks.KeySource
     "egressd_identity_total": {"ok", "bad", "unmapped", "missing"},  # egressd.identity.identify
     "egressd_dns_cache_lookups_total": {"hit", "miss"},  # egressd.resolve
+    "egressd_allowlist_sync_actions_total": set(metrics.SYNC_RESULTS),
+}
+# Label values of one metric where they are not those of CLOSED.
+BY_METRIC = {
+    "egressd_allowlist_sync_errors_total": {"reason": set(metrics.SYNC_ERROR_REASONS)},
+    "egressd_allowlist_sync_actions_total": {"action": set(metrics.SYNC_ACTION_NAMES)},
 }
 CLOSED = {
     "reason": {r.value for r in Reason},
@@ -56,6 +64,9 @@ CLOSED = {
     "listener": {explicit.LISTENER, transparent.LISTENER},
 }
 OTHER_METRICS = {"up", "kube_deployment_spec_replicas", "kube_deployment_status_replicas_available"}
+# The allowlist sync's own metrics (its job only).
+SYNC_METRICS = {metrics.PREFIX + spec[0] for spec in (metrics.SYNC_ACTIONS, metrics.SYNC_COPIES, metrics.SYNC_ERRORS,
+                                                      metrics.SYNC_LAST_SUCCESS)}
 
 
 def declared_metrics() -> set[str]:
@@ -297,8 +308,9 @@ def test_expressions_use_only_declared_metrics_and_closed_label_values(where, ex
         assert name in declared, f"{where}: {name} is not declared in egressd.metrics"
     for metric, matchers in selectors(expr):
         assert metric in declared | records | OTHER_METRICS, f"{where}: unknown metric {metric}"
+        closed = {**CLOSED, **BY_METRIC.get(metric, {})}
         for label, op, value in matchers:
-            allowed = RESULTS.get(metric) if label == "result" else CLOSED.get(label)
+            allowed = RESULTS.get(metric) if label == "result" else closed.get(label)
             if label == "job":
                 jobs = set(JOBS.values())
                 pattern = re.compile(value)
@@ -348,8 +360,9 @@ def test_dashboard_variables():
 @pytest.mark.parametrize(("panel", "target"), dashboard_targets(),
                          ids=[f"{p['title']}-{t['refId']}" for p, t in dashboard_targets()])
 def test_dashboard_query_table(panel, target):
-    """Every query uses the data source variable, the job and namespace variables, the service variable where the
-    metric has a service label, and Grafana's intervals for every range."""
+    """Every query uses the data source variable, the job and namespace variables (the allowlist sync's metrics: its
+    job, whatever the variables select), the service variable where the metric has a service label, and Grafana's
+    intervals for every range."""
     expr = target["expr"]
     assert expr.strip()
     assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
@@ -358,6 +371,9 @@ def test_dashboard_query_table(panel, target):
     assert all(r in ("$__rate_interval", "$__range") for r in ranges), ranges
     for metric, matchers in selectors(expr):
         labels = {label: value for label, _, value in matchers}
+        if metric in SYNC_METRICS:
+            assert labels.get("job") == JOBS["egressd-allowlist-sync"], f"{metric} without its job"
+            continue
         assert "$job" in labels.get("job", ""), f"{metric} without $job"
         assert labels.get("namespace") == "$namespace", f"{metric} without $namespace"
         spec = [s for s in vars(metrics).values()
@@ -382,7 +398,19 @@ def test_dashboard_query_table(panel, target):
         pytest.param("Active connections per service", "egressd_active_connections", "timeseries", id="active"),
         pytest.param("Policy reloads", "egressd_policy_reloads_total", "timeseries", id="reload-status"),
         pytest.param("Policy in force per pod", "egressd_policy_loaded_timestamp_seconds", "table",
-                     id="policy-version"),
+                     id="policy-loaded-at"),
+        pytest.param("Policy in force per pod", "egressd_policy_info", "table", id="policy-version"),
+        pytest.param("Policy in force per pod", "egressd_policy_last_reload_success", "table",
+                     id="last-load-per-pod"),
+        pytest.param("Pods on a failed load", "egressd_policy_last_reload_success", "stat", id="failed-load"),
+        pytest.param("Policy versions in force", "count(count by (version) (egressd_policy_info", "stat",
+                     id="versions-in-force"),
+        pytest.param("Pods per policy version", "egressd_policy_info", "timeseries", id="pods-per-version"),
+        pytest.param("Allowlist copies", "egressd_allowlist_copies", "timeseries", id="sync-copies"),
+        pytest.param("Allowlist sync writes", "egressd_allowlist_sync_actions_total", "timeseries", id="sync-writes"),
+        pytest.param("Allowlist sync errors", "egressd_allowlist_sync_errors_total", "timeseries", id="sync-errors"),
+        pytest.param("Since the last complete reconcile", "egressd_allowlist_sync_last_success_timestamp_seconds",
+                     "stat", id="sync-last-success"),
         pytest.param("Identity failures", "egressd_identity_total", "timeseries", id="identity-failures"),
         pytest.param("JWKS refreshes", "egressd_jwks_refresh_total", "timeseries", id="jwks"),
         pytest.param("Audit write errors", "egressd_audit_write_errors_total", "timeseries", id="audit"),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import threading
+from pathlib import Path
 
 from conftest import service_yaml
 from harness import connect_tunnel, http_get, raw_request, recv_all, wait_for
@@ -16,6 +18,23 @@ def echo_rule(lab, host: str = "echo.test") -> str:
 
 def connect(proxy, authority: str) -> bytes:
     return raw_request(proxy.address, f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+
+
+def policy_versions(proxy) -> dict[str, float]:
+    """Every egressd_policy_info series of the proxy's /metrics: {version: value}."""
+    found = {}
+    for line in proxy.metrics().splitlines():
+        if line.startswith("egressd_policy_info{"):
+            sample, value = line.rsplit(" ", 1)
+            found[sample.split('version="', 1)[1].split('"', 1)[0]] = float(value)
+    return found
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write path's new text in one rename, so that a reload never reads it half written."""
+    staged = path.parent.parent / f".{path.name}.new"
+    staged.write_text(text)
+    os.replace(staged, path)
 
 
 def opens(proxy, authority: str) -> bool:
@@ -77,6 +96,25 @@ def test_file_change_reloads_and_bad_file_keeps_last_good_policy(lab, start_prox
     tunnel.sendall(b"still here")
     assert tunnel.recv(10) == b"still here"
     tunnel.close()
+
+
+def test_policy_version_and_last_reload_status_follow_the_loads(lab, start_proxy, tmp_path):
+    """policy_info names the version in force and last_reload_success is 1, 0 after a failed load, 1 after a fix."""
+    proxy = start_proxy({"svc.yaml": service_yaml(echo_rule(lab))})
+    first = proxy.wait_log("egressd.started")["policy_version"]
+    assert first
+    assert policy_versions(proxy) == {first: 1.0}
+    assert proxy.metric("egressd_policy_last_reload_success") == 1
+    allowlist = tmp_path / "allowlists0" / "svc.yaml"
+    replace_file(allowlist, "version: v1\nservice: svc\nallow:\n  - host: '*.com'\n")
+    proxy.wait_log("policy.reload_failed")
+    wait_for(lambda: proxy.metric("egressd_policy_last_reload_success") == 0, what="the failed load in metrics")
+    assert policy_versions(proxy) == {first: 1.0}
+    replace_file(allowlist, service_yaml(echo_rule(lab) + echo_rule(lab, "api.test")))
+    fixed = proxy.wait_log("policy.loaded")["version"]
+    assert fixed != first
+    wait_for(lambda: proxy.metric("egressd_policy_last_reload_success") == 1, what="the fixed load in metrics")
+    assert policy_versions(proxy) == {fixed: 1.0}
 
 
 def test_sighup_reloads(lab, start_proxy, tmp_path):

@@ -29,6 +29,7 @@ TARGET = {"namespace": "payments", "pod": "payments-api-7d9f-abcde", "container"
           "endpoint": "egressd-admin"}
 DENIED = {"secret-leak.test:443": "not_allowlisted", "api.test:8443": "port_not_allowed"}
 DENIAL_PANEL = "Denials by service and reason"
+VERSION = "<the version egressd logged>"  # in an expected table: replaced by the policy version of egressd.started
 
 
 def free_port() -> int:
@@ -219,6 +220,32 @@ def test_panels_show_the_traffic_table(scraped, title, ref, labels, expected):
     def found() -> set | None:
         result = by_labels(scraped.prometheus.query(expr), *labels)
         return set(result) if set(result) == expected and all(v > 0 for v in result.values()) else None
+
+    wait_for(found, DEADLINE, f"{title} {ref} to show {expected}")
+
+
+@pytest.mark.parametrize(
+    ("title", "ref", "labels", "expected"),
+    [
+        pytest.param("Policy in force per pod", "C", ("pod", "version"), {(TARGET["pod"], VERSION): 1.0},
+                     id="version"),
+        pytest.param("Policy in force per pod", "D", ("pod",), {(TARGET["pod"],): 1.0}, id="last-load"),
+        pytest.param("Pods per policy version", "A", ("version",), {(VERSION,): 1.0}, id="pods-per-version"),
+        pytest.param("Policy versions in force", "A", (), {(): 1.0}, id="versions-in-force"),
+        pytest.param("Pods on a failed load", "A", (), {(): 0.0}, id="failed-load"),
+    ],
+)
+def test_policy_panels_show_the_version_in_force_table(scraped, title, ref, labels, expected):
+    """The policy panels show the version egressd started with, a last load that succeeded, and one version."""
+    version = scraped.proxy.wait_log("egressd.started")["policy_version"]
+    expected = {tuple(version if v == VERSION else v for v in key): n for key, n in expected.items()}
+    [panel] = [p for p in dashboard()["panels"] if p["title"] == title]
+    [target] = [t for t in panel["targets"] if t["refId"] == ref]
+    expr = substitute(target["expr"])
+
+    def found() -> dict | None:
+        result = by_labels(scraped.prometheus.query(expr), *labels)
+        return result if result == expected else None
 
     wait_for(found, DEADLINE, f"{title} {ref} to show {expected}")
 

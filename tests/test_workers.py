@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
 from conftest import service_yaml
+from egressd.metrics import Metrics
 from harness import raw_request, wait_for
+from test_lifecycle import policy_versions, replace_file
 
 
 def test_workers_share_the_port_metrics_and_audit_stream(lab, start_proxy):
@@ -35,3 +38,46 @@ def test_worker_that_dies_is_replaced_and_sigterm_stops_all(lab, start_proxy):
     assert proxy.stop() == 0
     for pid in (second,):
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_supervisor_reports_the_newest_version_and_the_worst_reload_status(lab, start_proxy, tmp_path):
+    """With two workers, /metrics shows 0 while one worker's last load failed, then the version it loads next."""
+    proxy = start_proxy({"svc.yaml": service_yaml("  - host: a.test\n")}, "svc", "--workers", "2",
+                        "--reload-interval", "0")
+    first, _ = proxy.wait_log("egressd.started")["workers"]
+
+    def worker_versions() -> set | None:
+        started = [json.loads(line) for line in proxy.stderr_lines if '"worker.started"' in line]
+        return {line["policy_version"] for line in started} if len(started) == 2 else None
+
+    [version] = wait_for(worker_versions, what="both workers started")
+    assert policy_versions(proxy) == {version: 1.0}
+    assert proxy.metric("egressd_policy_last_reload_success") == 1
+    allowlist = tmp_path / "allowlists0" / "svc.yaml"
+    replace_file(allowlist, "version: v1\nservice: svc\nallow:\n  - host: '*.com'\n")
+    os.kill(first, signal.SIGHUP)  # only this worker loads the broken file
+    proxy.wait_log("policy.reload_failed")
+    wait_for(lambda: proxy.metric("egressd_policy_last_reload_success") == 0, what="one failed worker shown")
+    assert policy_versions(proxy) == {version: 1.0}
+    replace_file(allowlist, service_yaml("  - host: b.test\n"))
+    os.kill(first, signal.SIGHUP)  # the other worker keeps the first version, loaded earlier
+    fixed = proxy.wait_log("policy.loaded")["version"]
+    assert fixed != version
+    wait_for(lambda: proxy.metric("egressd_policy_last_reload_success") == 1, what="both workers succeeded")
+    assert policy_versions(proxy) == {fixed: 1.0}
+
+
+def test_merge_takes_the_newest_version_and_the_lowest_success():
+    """load_sum keeps the version of the snapshot loaded last and 0 for success when one snapshot failed."""
+    older, newer = Metrics(), Metrics()
+    older.policy_loaded(ok=True, version="aaaa")
+    newer.policy_loaded(ok=True, version="bbbb")
+    newer.loaded_at = older.loaded_at + 1
+    older.policy_loaded(ok=False)
+    merged = Metrics()
+    merged.load_sum([older.snapshot(), newer.snapshot()])
+    assert (merged.version, merged.last_reload_ok) == ("bbbb", 0)
+    merged.load_sum([newer.snapshot()])
+    assert (merged.version, merged.last_reload_ok) == ("bbbb", 1)
+    merged.load_sum([])
+    assert (merged.version, merged.last_reload_ok) == (None, 0)

@@ -55,7 +55,7 @@ class Proxy:
         self.config = config
         self.metrics = Metrics()
         self.holder = PolicyHolder(load_for(config.allowlists, config.service))
-        self.metrics.policy_loaded(ok=True)
+        self.metrics.policy_loaded(ok=True, version=self.holder.current.version)
         resolvers = config.resolvers or system_resolvers()
         self.resolver = Resolver(resolvers, config.dns_timeout, config.dns_min_ttl, config.dns_max_ttl, self.metrics)
         self.audit = audit or AuditLog(config.audit_log)

@@ -4,7 +4,8 @@ The hot path only adds to plain ints in dicts keyed by label tuples (no locks,
 no prometheus-client objects per connection); :class:`Collector` turns them into
 metric families when Prometheus scrapes. Label values come only from closed
 sets: the service name (from the identity step, not the client's bytes), the
-listener name, the decision and the reason enums. Never a raw host.
+listener name, the decision and the reason enums; and ``egressd_policy_info``'s
+version, one value at a time. Never a raw host.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ DNS_SECONDS = ("dns_lookup_seconds", "Time to resolve a name (cache misses only)
 CONNECT_SECONDS = ("upstream_connect_seconds", "Time to open the upstream TCP connection.", ())
 RELOADS = ("policy_reloads_total", "Policy loads by result.", ("result",))
 LOADED_AT = ("policy_loaded_timestamp_seconds", "Unix time the policy in force was loaded.", ())
+# One series at a time: the version label is the hash of the allowlist files in force (Policy.version).
+POLICY_INFO = ("policy_info", "The version of the policy in force, as its label; always 1.", ("version",))
+RELOAD_OK = (
+    "policy_last_reload_success",
+    "1 when the last load of the allowlists succeeded; 0 when it failed (the last good policy stays in force) "
+    "or before any load.", (),
+)
 DNS_QUERIES = ("dns_queries_total", "Queries to the DNS filter by outcome.", ("service", "decision", "reason"))
 DNS_UPSTREAM_SECONDS = ("dns_upstream_seconds", "Time the DNS filter waited for its upstream resolvers.", ())
 IDENTITY = ("identity_total", "Identify steps by source and result.", ("source", "result"))
@@ -84,6 +92,8 @@ class Metrics:
         self.reloads: defaultdict[str, int] = defaultdict(int, success=0, error=0)
         self.dns_cache: defaultdict[str, int] = defaultdict(int)
         self.loaded_at = 0.0
+        self.version: str | None = None  # of the policy in force
+        self.last_reload_ok = 0
         # (failed writes, records waiting, available 0/1): read from the audit log at scrape time when
         # audit_source is set (see egressd.app), else the sum over the workers (available: all of them)
         self.audit_source: Callable[[], tuple[int, int, int]] | None = None
@@ -109,6 +119,8 @@ class Metrics:
         data: dict = {name: dict(getattr(self, name)) for name in self._SUMMED}
         data["reloads"] = dict(self.reloads)
         data["loaded_at"] = self.loaded_at
+        data["version"] = self.version
+        data["last_reload_ok"] = self.last_reload_ok
         data["audit"] = self.audit()
         for name in self._HISTOGRAMS:
             hist = getattr(self, name)
@@ -117,7 +129,8 @@ class Metrics:
 
     def load_sum(self, snapshots: list[dict]) -> None:
         """Replace every value by the sum over the workers' snapshots (reloads and load time: the maximum,
-        since every worker loads the same files)."""
+        since every worker loads the same files; the version: the most recently loaded worker's; the last
+        reload's success: the minimum, so that one worker that failed shows 0)."""
         for name in self._SUMMED:
             merged: defaultdict = defaultdict(int)
             for snap in snapshots:
@@ -129,6 +142,9 @@ class Metrics:
             for key, value in snap["reloads"].items():
                 self.reloads[key] = max(self.reloads[key], value)
         self.loaded_at = max((snap["loaded_at"] for snap in snapshots), default=0.0)
+        newest = max(snapshots, key=lambda snap: snap["loaded_at"], default=None)
+        self.version = newest["version"] if newest is not None else None
+        self.last_reload_ok = min((snap["last_reload_ok"] for snap in snapshots), default=0)
         audits = [snap["audit"] for snap in snapshots]
         errors, pending = sum(a[0] for a in audits), sum(a[1] for a in audits)
         self.audit_summed = (errors, pending, min((a[2] for a in audits), default=1))
@@ -140,10 +156,14 @@ class Metrics:
                 hist.total += total
             setattr(self, name, hist)
 
-    def policy_loaded(self, ok: bool) -> None:
+    def policy_loaded(self, ok: bool, version: str | None = None) -> None:
+        """Count a load of the allowlists; a successful one puts its ``version`` in force, a failed one (no
+        version) keeps the version in force."""
         self.reloads["success" if ok else "error"] += 1
+        self.last_reload_ok = int(ok)
         if ok:
             self.loaded_at = time.time()
+            self.version = version
 
 
 class Collector:
@@ -172,6 +192,11 @@ class Collector:
         yield _counter(IDENTITY, m.identity)
         yield _counter(JWKS_REFRESH, {(k,): v for k, v in m.jwks_refresh.items()})
         yield GaugeMetricFamily(PREFIX + LOADED_AT[0], LOADED_AT[1], value=m.loaded_at)
+        info = GaugeMetricFamily(PREFIX + POLICY_INFO[0], POLICY_INFO[1], labels=POLICY_INFO[2])
+        if m.version is not None:
+            info.add_metric((m.version,), 1)
+        yield info
+        yield GaugeMetricFamily(PREFIX + RELOAD_OK[0], RELOAD_OK[1], value=m.last_reload_ok)
         errors, pending, available = m.audit()
         yield CounterMetricFamily(PREFIX + AUDIT_ERRORS[0].removesuffix("_total"), AUDIT_ERRORS[1], value=errors)
         yield GaugeMetricFamily(PREFIX + AUDIT_PENDING[0], AUDIT_PENDING[1], value=pending)

@@ -4,7 +4,9 @@ A load reads and compiles the whole directory off the event loop (in a worker
 thread) and then swaps the PolicyHolder's reference in one assignment: a
 connection that already made its decision keeps going, new ones see the new
 policy. A load that fails keeps the last good policy, logs every error with
-file:line and counts ``egressd_policy_reloads_total{result="error"}``.
+file:line, counts ``egressd_policy_reloads_total{result="error"}`` and sets
+``egressd_policy_last_reload_success`` to 0 (``egressd_policy_info`` keeps the
+version in force) until a load succeeds.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class Reloader:
                 log.error("policy.reload_failed", trigger=why, errors=[str(e) for e in exc.errors], kept_version=kept)
                 return False
             self.holder.current = policy
-            self.metrics.policy_loaded(ok=True)
+            self.metrics.policy_loaded(ok=True, version=policy.version)
             log.info("policy.loaded", trigger=why, version=policy.version, files=len(policy.files))
             return True
 
