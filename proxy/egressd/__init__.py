@@ -76,7 +76,8 @@ admission webhook of :mod:`egressd.webhook` answers each new pod with
 ``sidecar/`` (:mod:`egressd.sidecartemplates`) that adds ``init-iptables`` and
 egressd as a native sidecar; :mod:`egressd.allowlistsync` keeps a copy of the
 allowlist ConfigMap in every namespace labelled for injection (the decisions in
-the pure :mod:`egressd.allowlistplan`), for the sidecars to mount.
+the pure :mod:`egressd.allowlistplan`), for the sidecars to mount. It and the
+pod index reach the API server through :mod:`egressd.kubeclient`.
 """
 
 __version__ = "0.1.0"
