@@ -5,6 +5,9 @@
 ``egressd sidecar``   ``run`` with the defaults of a container injected into a pod
 ``egressd validate``  load an allowlists directory, list every error, exit 1 if any (:mod:`egressd.cli.policy`)
 ``egressd check``     decide one destination for one service: exit 0 allow, 1 deny
+``egressd diff``      what a change to the allowlists opens up, per service (:mod:`egressd.cli.review`)
+``egressd test``      run the policy tests of allowlists/tests/ (:mod:`egressd.cli.policytest`)
+``egressd suggest``   propose allowlist additions from audit records (:mod:`egressd.cli.suggest`)
 ``egressd demo``      the offline demo (its own DNS server and HTTPS origins; ``--sidecar``: in a simulated pod)
 ``egressd init-iptables``  install the pod's iptables rules, in an init container (:mod:`egressd.cli.iptables`)
 ``egressd inject-webhook``  the mutating admission webhook that injects the sidecar (:mod:`egressd.cli.webhook`)
@@ -18,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from egressd.cli import iptables, policy, run, sync, webhook
+from egressd.cli import iptables, policy, policytest, review, run, suggest, sync, webhook
 from egressd.config import ConfigError, env_default
 
 
@@ -32,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         run.SIDECAR,
     )
     policy.add_parsers(sub)
+    review.add_parser(sub)
+    policytest.add_parser(sub)
+    suggest.add_parser(sub)
     iptables.add_parser(sub)
     webhook.add_parser(sub)
     sync.add_parser(sub)
@@ -49,9 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "validate":
-            return policy.cmd_validate(args.path)
+            return policy.cmd_validate(args)
         if args.command == "check":
             return policy.cmd_check(args)
+        if args.command == "diff":
+            return review.cmd(args)
+        if args.command == "test":
+            return policytest.cmd(args)
+        if args.command == "suggest":
+            return suggest.cmd(args)
         if args.command == "init-iptables":
             return iptables.cmd_init(args)
         if args.command == "inject-webhook":

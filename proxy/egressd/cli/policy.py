@@ -24,7 +24,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     check.add_argument("destination", help="HOST[:PORT], port 443 when omitted")
 
 
-def cmd_validate(path: str) -> int:
+def cmd_validate(args: argparse.Namespace) -> int:
+    path = args.path
     try:
         policy = load_policy(Path(path))
     except PolicyError as exc:

@@ -35,7 +35,7 @@ from egressd.policy.model import Rule
 if TYPE_CHECKING:
     from publicsuffixlist import PublicSuffixList
 
-__all__ = ["RuleSet", "parse_pattern"]
+__all__ = ["RuleSet", "covers", "parse_pattern"]
 
 ONE_LABEL = "*."
 ANY_LABELS = "**."
@@ -85,6 +85,31 @@ def parse_pattern(text: str, deny: bool = False) -> str:
             f'under it; name a registrable domain, e.g. "{prefix}example.{name}"'
         )
     return prefix + name
+
+
+def covers(wide: str, narrow: str) -> bool:
+    """Whether every name the canonical pattern ``narrow`` matches is matched by ``wide`` too.
+
+    Label by label, from the left: a fixed label covers only itself, ``*`` covers one label (fixed or ``*``),
+    ``**`` covers one or more labels of any kind; ``**`` in ``narrow`` is covered only by ``**``. Used by the
+    linter (redundant rules) and the review diff (widenings); matching itself never calls it.
+    """
+    return _covers(tuple(wide.split(".")), tuple(narrow.split(".")))
+
+
+@functools.cache
+def _covers(wide: tuple[str, ...], narrow: tuple[str, ...]) -> bool:
+    if not wide or not narrow:
+        return not wide and not narrow
+    head, rest = wide[0], wide[1:]
+    if head == "**":
+        # one or more of narrow's labels: try every split, shortest first
+        return any(_covers(rest, narrow[n:]) for n in range(1, len(narrow) + 1))
+    if narrow[0] == "**":
+        return False
+    if head == "*" or head == narrow[0]:
+        return _covers(rest, narrow[1:])
+    return False
 
 
 def _refuse_ip(text: str, name: str) -> None:
