@@ -235,7 +235,8 @@ def _parse_rule(file: File, node: Node, deny: bool) -> Rule | None:
     tls = file.convert(fields["tls"][1], "tls", _TLS) if "tls" in fields else None
     if len(file.errors) > errors_before:
         return None
-    return Rule(source=f"{file.path}:{node.start_mark.line + 1}", host=host, cidr=cidr, ports=ports, tls=tls)
+    line, column = node.start_mark.line + 1, node.start_mark.column + 1
+    return Rule(source=f"{file.path}:{line}", host=host, cidr=cidr, ports=ports, tls=tls, column=column)
 
 
 def _parse_ports(file: File, node: Node) -> frozenset[int]:

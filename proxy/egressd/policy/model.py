@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -69,7 +69,9 @@ class Rule:
 
     Exactly one of ``host`` (a canonical pattern: ``name``, ``*.name`` or
     ``**.name``) and ``cidr`` is set. ``ports`` is None for "any port" (deny
-    rules). ``tls`` None means "TLS on port 443 only".
+    rules). ``tls`` None means "TLS on port 443 only". ``column`` (1-based, None
+    when unknown) points tools such as ``egressd validate`` at the rule; it takes
+    no part in equality, and ``source`` stays ``file:line`` as records print it.
     """
 
     source: str
@@ -77,6 +79,7 @@ class Rule:
     cidr: IPNetwork | None = None
     ports: frozenset[int] | None = DEFAULT_PORTS
     tls: bool | None = None
+    column: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if (self.host is None) == (self.cidr is None):

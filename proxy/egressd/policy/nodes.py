@@ -8,7 +8,7 @@ a :class:`LoadError` instead of raising, so a load reports every problem at once
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TypeVar
 
@@ -29,16 +29,20 @@ _YAML_HINTS = {
 
 @dataclass(frozen=True, slots=True)
 class LoadError:
-    """One problem in the allowlists: where (``line`` is None for a whole file or directory) and what to do."""
+    """One problem in the allowlists: where (``line`` is None for a whole file or directory) and what to do.
+
+    ``column`` (1-based, None when unknown) is for tools that point into the file (``egressd validate``); it
+    takes no part in equality, and ``str()`` prints ``file:line: message`` without it.
+    """
 
     file: str
     line: int | None
     message: str
+    column: int | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
         return f"{where}: {self.message}"
-
 
 
 class _Loader(yaml.SafeLoader):
@@ -59,7 +63,11 @@ class File:
         self.errors: list[LoadError] = []
 
     def error(self, node: Node | None, message: str) -> None:
-        self.errors.append(LoadError(self.path, node.start_mark.line + 1 if node is not None else 1, message))
+        if node is None:
+            self.errors.append(LoadError(self.path, 1, message))
+        else:
+            mark = node.start_mark
+            self.errors.append(LoadError(self.path, mark.line + 1, message, mark.column + 1))
 
     def scalar(self, node: Node, what: str) -> str | None:
         if not isinstance(node, ScalarNode):
@@ -124,7 +132,8 @@ def compose(file: File, data: bytes) -> Node | None:
         problem = ", ".join(part for part in (exc.context, exc.problem) if part)
         hint = next((hint for key, hint in _YAML_HINTS.items() if key in problem), "")
         message = f"YAML syntax error: {problem}; fix the YAML{hint}"
-        file.errors.append(LoadError(file.path, mark.line + 1 if mark is not None else 1, message))
+        line, column = (mark.line + 1, mark.column + 1) if mark is not None else (1, None)
+        file.errors.append(LoadError(file.path, line, message, column))
         return None
     except yaml.YAMLError as exc:
         file.error(None, f"YAML error: {exc}; fix the file's contents")
