@@ -91,11 +91,12 @@ def egressd_commands() -> list[tuple[str, list[str]]]:
 
 
 def test_workflow_runs_exactly_these_commands():
-    """validate (errors fail, warnings annotate), test, and diff from the base branch to HEAD as markdown, in order."""
+    """validate (errors fail, warnings annotate), test, and diff from the merge base with the base branch to HEAD as
+    markdown, in order."""
     assert egressd_commands() == [
         ("validate", ["egressd", "validate", "allowlists", "--format", "github"]),
         ("test", ["egressd", "test", "allowlists"]),
-        ("diff", ["egressd", "diff", "origin/main", "HEAD", "--format", "markdown"]),
+        ("diff", ["egressd", "diff", "origin/main...HEAD", "--format", "markdown"]),
     ]
     assert step("diff")["env"] == {"BASE_REF": "${{ github.base_ref }}"}
     assert any(s.get("run") == "python -m pip install ." for s in steps())
@@ -114,7 +115,7 @@ def test_commands_parse_with_egressds_own_parser(step_id, argv):
     elif step_id == "test":
         assert (args.path, args.tests, args.verbose) == ("allowlists", None, False)
     else:
-        assert (args.old, args.new, args.format) == ("origin/main", "HEAD", "markdown")
+        assert (args.old, args.new, args.format) == ("origin/main...HEAD", None, "markdown")  # from the merge base
 
 
 def test_later_steps_run_after_a_failure():
