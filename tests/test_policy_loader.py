@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from egressd.hostport import parse_authority
 from egressd.policy import LoadError, Mode, PolicyError, ServiceIdentity, load_policy, validate
+from egressd.policy.decide import decide
+from egressd.policy.model import Reason, Verdict
 
 ROOT = Path(__file__).resolve().parent.parent
 ERRORS = "tests/allowlist_errors"
 
 _PSL = "would match every site registered under it; name a registrable domain, e.g."
+_MINE = "anyone can register names under"
 _PORT = "is not a decimal number 1-65535 (no leading zeros or signs)"
 _ONLY_GLOBAL = "is allowed only in _global.yaml, the one global file; move it there"
 _ONE_OF = "an allow rule needs exactly one of host: and cidr: (write two rules for two destinations)"
@@ -121,9 +125,27 @@ CASES: dict[str, list[str]] = {
         'bare_wildcard/payments-api.yaml:5: host "**" would match every host; name a domain, e.g. "*.example.com"',
     ],
     "inner_wildcard": [
-        f'inner_wildcard/payments-api.yaml:{line}: host "{host}": "*" is allowed only as the whole first label; '
-        'write "*.example.com" (one more label) or "**.example.com" (one or more)'
-        for line, host in ((4, "api*.example.com"), (5, "a.*.example.com"))
+        'inner_wildcard/payments-api.yaml:4: host "api*.example.com": "*" stands for a whole label, never part of one '
+        '("api*"); write "*" for any one label there, e.g. "*.example.com", or list the names',
+        'inner_wildcard/payments-api.yaml:5: host "a.**.example.com": "**" is allowed only as the whole first label '
+        '("**.example.com"); write "*" for exactly one label here, e.g. "a.*.example.com"',
+        'inner_wildcard/payments-api.yaml:6: host "api.example.*": the last label (the top-level domain) is never a '
+        'wildcard; name it, e.g. "api.example.com"',
+    ],
+    "registrable_wildcard": [
+        'registrable_wildcard/_global.yaml:6: host "app.*.github.io": the "*" in label 2 can be the registrable label '
+        f'of "app.x.github.io" ({_MINE} "github.io"); write that label out, e.g. "app.example.github.io"',
+        'registrable_wildcard/payments-api.yaml:5: host "*.s3.*.amazonaws.com": the "*" in label 1 can be the '
+        f'registrable label of "x.s3.af-south-1.amazonaws.com" ({_MINE} "s3.af-south-1.amazonaws.com"); '
+        'write that label out, e.g. "*.example.s3.*.amazonaws.com"',
+        'registrable_wildcard/payments-api.yaml:6: host "api.*.com": the "*" in label 2 can be the registrable label '
+        f'of "api.x.com" ({_MINE} "com"); write that label out, e.g. "api.example.com"',
+        'registrable_wildcard/payments-api.yaml:7: host "**.amazonaws.com": the "**" in label 1 can be the first '
+        'label of "compute.amazonaws.com", itself a public suffix (anyone can register names under it); '
+        'write that label out, e.g. "**.example.amazonaws.com"',
+        'registrable_wildcard/payments-api.yaml:8: host "api.*.kawasaki.jp": the "*" in label 2 can be the '
+        f'registrable label of "api.city.kawasaki.jp" ({_MINE} "kawasaki.jp"); '
+        'write that label out, e.g. "api.example.kawasaki.jp"',
     ],
     "public_suffix": [
         f'public_suffix/payments-api.yaml:4: host "*.com": wildcard directly over public suffix "com" {_PSL} '
@@ -343,6 +365,31 @@ def test_ignored_entries(tmp_path: Path) -> None:
     (copy / "old").mkdir()
     assert validate(copy) == []
     assert len(load_policy(copy).files) == 3
+
+
+def test_mid_name_wildcards_load_and_decide(tmp_path: Path) -> None:
+    """A whole-label "*" in any place loads with its file:line and decides through decide(); a global deny may be
+    broad where an allow may not."""
+    (tmp_path / "payments-api.yaml").write_text(
+        'version: v1\nservice: payments-api\nallow:\n  - host: "EC2.*.AmazonAWS.com"\n'
+        '  - host: "api.*.example.com"\n    ports: [443, 8443]\n'
+    )
+    (tmp_path / "_global.yaml").write_text('version: v1\nglobal: true\ndeny:\n  - host: "*.s3.*.amazonaws.com"\n')
+    policy = load_policy(tmp_path)
+    assert [rule.host for rule in policy.services["payments-api"].allow] == ["ec2.*.amazonaws.com", "api.*.example.com"]
+    table = [
+        ("ec2.us-east-1.amazonaws.com:443", Verdict.ALLOW, Reason.ALLOWED, "payments-api.yaml:4"),
+        ("ec2.compute.amazonaws.com:443", Verdict.ALLOW, Reason.ALLOWED, "payments-api.yaml:4"),
+        ("ec2.amazonaws.com:443", Verdict.DENY, Reason.NOT_ALLOWLISTED, None),
+        ("ec2.a.b.amazonaws.com:443", Verdict.DENY, Reason.NOT_ALLOWLISTED, None),
+        ("api.eu.example.com:8443", Verdict.ALLOW, Reason.ALLOWED, "payments-api.yaml:5"),
+        ("api.eu.example.com:80", Verdict.DENY, Reason.PORT_NOT_ALLOWED, "payments-api.yaml:5"),
+        ("bucket.s3.us-east-1.amazonaws.com:443", Verdict.DENY, Reason.DENYLISTED, "_global.yaml:4"),
+    ]
+    for destination, verdict, reason, source in table:
+        decision = decide(policy, "payments-api", parse_authority(destination))
+        assert (decision.verdict, decision.reason) == (verdict, reason), destination
+        assert (decision.rule.source if decision.rule else None) == (source and f"{tmp_path}/{source}"), destination
 
 
 def test_same_destination_in_several_files_is_fine(tmp_path: Path) -> None:

@@ -22,8 +22,8 @@ import structlog
 from egressd.connection import PolicyHolder
 from egressd.metrics import Metrics
 from egressd.policy.loader import LoadError, PolicyError, load_policy
-from egressd.policy.match import forget_public_suffixes
 from egressd.policy.model import Policy
+from egressd.policy.suffixes import forget_public_suffixes
 
 log = structlog.get_logger("egressd.reload")
 
