@@ -42,6 +42,11 @@ decide
     :func:`egressd.policy.decide.decide` over the compiled
     :class:`egressd.policy.model.Policy` that :mod:`egressd.policy.loader` built
     from ``allowlists/``: a verdict, a reason from a closed set, the rule's file:line.
+    Host patterns and their index are :mod:`egressd.policy.match`, the Public
+    Suffix List's safety rule :mod:`egressd.policy.suffixes`. The review tools
+    read the same policy: :mod:`egressd.policy.lint`, :mod:`egressd.policy.diff`
+    (with :mod:`egressd.policy.revision`), :mod:`egressd.policy.policytest` and
+    :mod:`egressd.policy.suggest`.
 resolve+pin
     :class:`egressd.resolve.Resolver` looks allowed names up itself (dnspython,
     TTL cache) and :mod:`egressd.addresses` classifies every answer; only
@@ -63,7 +68,9 @@ Around it: :mod:`egressd.app` (start, signals, drain), :mod:`egressd.reload`
 (SIGHUP and file changes, last good policy kept), :mod:`egressd.admin`
 (``/metrics``, ``/healthz``, ``/readyz``), :mod:`egressd.cli` (one module per
 subcommand group: :mod:`egressd.cli.run` for ``run``/``sidecar``,
-:mod:`egressd.cli.policy` for ``validate``/``check``,
+:mod:`egressd.cli.policy` for ``validate``/``check``, :mod:`egressd.cli.review`
+for ``diff``, :mod:`egressd.cli.policytest` for ``test``, :mod:`egressd.cli.suggest`
+for ``suggest``,
 :mod:`egressd.cli.iptables` for ``init-iptables``, :mod:`egressd.cli.webhook`
 and :mod:`egressd.cli.sync` for the injector's two processes), and
 :mod:`egressd.demo` with the stand-ins of :mod:`egressd.lab` on loopback, or

@@ -3,7 +3,8 @@
 ``egressd run``       the proxy (:mod:`egressd.cli.run`; every flag also reads EGRESSD_<FLAG>,
                       e.g. EGRESSD_SERVICE; repeatable flags take a comma-separated list there)
 ``egressd sidecar``   ``run`` with the defaults of a container injected into a pod
-``egressd validate``  load an allowlists directory, list every error, exit 1 if any (:mod:`egressd.cli.policy`)
+``egressd validate``  load an allowlists directory, list every error and warning, exit 1 on an error
+                      (``--strict``: on a warning too) (:mod:`egressd.cli.policy`)
 ``egressd check``     decide one destination for one service: exit 0 allow, 1 deny
 ``egressd diff``      what a change to the allowlists opens up, per service (:mod:`egressd.cli.review`)
 ``egressd test``      run the policy tests of allowlists/tests/ (:mod:`egressd.cli.policytest`)

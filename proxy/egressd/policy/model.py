@@ -67,8 +67,9 @@ AUDITABLE_REASONS = frozenset({Reason.NOT_ALLOWLISTED, Reason.PORT_NOT_ALLOWED})
 class Rule:
     """One allow or deny entry, with the file:line it came from.
 
-    Exactly one of ``host`` (a canonical pattern: ``name``, ``*.name`` or
-    ``**.name``) and ``cidr`` is set. ``ports`` is None for "any port" (deny
+    Exactly one of ``host`` (a canonical pattern: ``name``, ``*.name``,
+    ``**.name``, or a name with whole ``*`` labels inside such as
+    ``ec2.*.amazonaws.com``) and ``cidr`` is set. ``ports`` is None for "any port" (deny
     rules). ``tls`` None means "TLS on port 443 only". ``column`` (1-based, None
     when unknown) points tools such as ``egressd validate`` at the rule; it takes
     no part in equality, and ``source`` stays ``file:line`` as records print it.
