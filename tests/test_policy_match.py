@@ -305,7 +305,8 @@ def test_deny_patterns_may_be_broad(text: str) -> None:
 
 def _readme_table() -> list[tuple[str, list[str], list[str]]]:
     readme = (Path(__file__).resolve().parent.parent / "allowlists" / "README.md").read_text()
-    rows = [line.split("|")[1:4] for line in readme.splitlines() if line.startswith("| `")]
+    section = readme.split("\n## Host patterns\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:4] for line in section.splitlines() if line.startswith("| `")]
     quoted = re.compile(r"`([^`]+)`").findall
     return [(quoted(pattern)[0], quoted(matches), quoted(misses)) for pattern, matches, misses in rows]
 
