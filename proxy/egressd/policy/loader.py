@@ -29,7 +29,7 @@ from egressd.addresses import parse_cidr
 from egressd.policy.identities import IdentityIndex, clashes, parse_identities
 from egressd.policy.match import RuleSet, parse_pattern
 from egressd.policy.model import DEFAULT_PORTS, IPNetwork, Mode, Policy, Rule, ServicePolicy
-from egressd.policy.nodes import NONE, VERSION, Fields, File, LoadError, compose
+from egressd.policy.nodes import NONE, VERSION, Fields, File, LoadError, compose, yaml_files
 
 __all__ = ["LoadError", "PolicyError", "load_policy", "validate"]
 
@@ -121,28 +121,17 @@ def _load(directory: Path) -> tuple[Policy | None, list[LoadError]]:
 
 def _list_directory(directory: Path) -> tuple[list[str], list[LoadError]]:
     """The ``*.yaml`` file names to load, sorted, and the errors about the directory's contents."""
-    where = str(directory)
-    try:
-        entries = sorted(entry for entry in directory.iterdir() if not entry.name.startswith("."))
-    except OSError as exc:
-        fix = "pass the directory that holds the *.yaml files"
-        message = f"cannot read the allowlist directory ({exc.strerror}); {fix}"
-        return [], [LoadError(where, None, message)]
+    paths, errors = yaml_files(directory, "allowlist directory", "pass the directory that holds the *.yaml files",
+                               IGNORED_FILES)
     names: list[str] = []
-    errors: list[LoadError] = []
-    for entry in entries:
-        if entry.is_dir() or entry.name in IGNORED_FILES:
-            continue
-        if entry.name.endswith(".yml"):
-            errors.append(LoadError(str(entry), None, f".yml files are not read; rename it to {entry.stem}.yaml"))
-        elif entry.name.endswith(".yaml"):
-            if entry.name.startswith("_") and entry.name != GLOBAL_FILE:
-                message = f"names starting with '_' are reserved and {GLOBAL_FILE} is the only one; rename the file"
-                errors.append(LoadError(str(entry), None, message))
-            else:
-                names.append(entry.name)
+    for path in paths:
+        if path.name.startswith("_") and path.name != GLOBAL_FILE:
+            message = f"names starting with '_' are reserved and {GLOBAL_FILE} is the only one; rename the file"
+            errors.append(LoadError(str(path), None, message))
+        else:
+            names.append(path.name)
     if not names and not errors:
-        errors.append(LoadError(where, None, "no allowlist files (*.yaml) found; add one file per service"))
+        errors.append(LoadError(str(directory), None, "no allowlist files (*.yaml) found; add one file per service"))
     return names, errors
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 from typing import TypeVar
 
@@ -43,6 +44,27 @@ class LoadError:
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
         return f"{where}: {self.message}"
+
+
+def yaml_files(directory: Path, what: str, fix: str, ignored: frozenset[str] = frozenset()) -> tuple[
+        list[Path], list[LoadError]]:
+    """The ``*.yaml`` files of ``directory``, sorted (dotfiles, subdirectories and ``ignored`` names skipped), and an
+    error for each ``.yml`` file, or for a directory that cannot be read (``what`` names it, ``fix`` says what to do).
+    """
+    try:
+        entries = sorted(entry for entry in directory.iterdir() if not entry.name.startswith("."))
+    except OSError as exc:
+        return [], [LoadError(str(directory), None, f"cannot read the {what} ({exc.strerror}); {fix}")]
+    paths: list[Path] = []
+    errors: list[LoadError] = []
+    for entry in entries:
+        if entry.is_dir() or entry.name in ignored:
+            continue
+        if entry.name.endswith(".yml"):
+            errors.append(LoadError(str(entry), None, f".yml files are not read; rename it to {entry.stem}.yaml"))
+        elif entry.name.endswith(".yaml"):
+            paths.append(entry)
+    return paths, errors
 
 
 class _Loader(yaml.SafeLoader):

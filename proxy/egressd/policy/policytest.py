@@ -36,7 +36,7 @@ from yaml.nodes import Node, SequenceNode
 from egressd.hostport import BadDestination, Destination, parse_authority
 from egressd.policy.decide import decide
 from egressd.policy.model import Decision, Policy, Reason, Verdict
-from egressd.policy.nodes import File, LoadError, compose
+from egressd.policy.nodes import File, LoadError, compose, yaml_files
 
 __all__ = ["TEST_KEYS", "Expectation", "Outcome", "describe", "judge", "load_expectations", "parse_file", "run",
            "summary"]
@@ -145,25 +145,10 @@ def load_expectations(
 
 def _list_directory(directory: Path) -> tuple[list[Path], list[LoadError]]:
     """The ``*.yaml`` files to read, sorted, and the errors about the directory's contents."""
-    where = str(directory)
-    try:
-        entries = sorted(entry for entry in directory.iterdir() if not entry.name.startswith("."))
-    except OSError as exc:
-        fix = "add expectation files there, or pass --tests DIR"
-        message = f"cannot read the policy tests directory ({exc.strerror}); {fix}"
-        return [], [LoadError(where, None, message)]
-    paths: list[Path] = []
-    errors: list[LoadError] = []
-    for entry in entries:
-        if entry.is_dir():
-            continue
-        if entry.name.endswith(".yml"):
-            errors.append(LoadError(str(entry), None, f".yml files are not read; rename it to {entry.stem}.yaml"))
-        elif entry.name.endswith(".yaml"):
-            paths.append(entry)
+    paths, errors = yaml_files(directory, "policy tests directory", "add expectation files there, or pass --tests DIR")
     if not paths and not errors:
         message = f"no policy tests (*.yaml) found; add a file listing expectations, e.g. {_EXAMPLE_ITEM}"
-        errors.append(LoadError(where, None, message))
+        errors.append(LoadError(str(directory), None, message))
     return paths, errors
 
 
