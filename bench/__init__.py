@@ -18,4 +18,7 @@
   ratios egressd/Squid, targets, the markdown table; :mod:`bench.cli`: options, namespaces, output.
 * :mod:`bench.sidecar` (with ``sidecar_world``, ``sidecar_phases``, ``sidecar_report``, ``dnsload.c``): sidecar
   mode in a simulated pod, the transparent listener next to the explicit one, the DNS filter next to dnsmasq.
+* :mod:`bench.leaks` (with ``leaks_world``, ``leaks_load``, ``leaks_report``): load without leaks: idle tunnels
+  held, short tunnels churned, a steady soak; descriptors, RSS and one record per connection.
+* :mod:`bench.matching`: the cost of one host lookup in a rule set, two revisions side by side.
 """
