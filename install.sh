@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up a machine to run egressd and its tests: system tools (when root and
-# missing: curl, openssl, iproute2, util-linux, iptables, dig, prometheus/promtool, kubectl, node) and a virtualenv
+# missing: curl, openssl, iproute2, util-linux, iptables, dig, prometheus/promtool, kubectl, node, jq) and a virtualenv
 # in .venv with egressd installed in editable mode.
 #   .venv     Python >= 3.12 when one is found (mitmproxy, the tests' oracle, needs it), else python3 (>= 3.11)
 #   .venv311  Python 3.11, when present: the oldest Python egressd supports (EGRESSD_PY311=1 to build it)
@@ -11,7 +11,7 @@ cd "$(dirname "$0")"
 declare -A package=(
   [curl]=curl [openssl]=openssl [ip]=iproute2 [ss]=iproute2 [unshare]=util-linux [prlimit]=util-linux
   [setpriv]=util-linux [iptables-restore]=iptables [ip6tables-restore]=iptables [dig]=bind9-dnsutils
-  [prometheus]=prometheus [promtool]=prometheus [kubectl]=kubectl [node]=nodejs
+  [prometheus]=prometheus [promtool]=prometheus [kubectl]=kubectl [node]=nodejs [jq]=jq
 )
 need=()
 for tool in "${!package[@]}"; do command -v "$tool" >/dev/null || need+=("${package[$tool]}"); done

@@ -107,7 +107,7 @@ def tunnel_records(started: Started, expected: dict[str, int]) -> dict[str, Any]
     """egressd's connection records by listener against the tunnels the load generators opened."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
     while True:
-        records = _records(started.audit)
+        records = [r for r in _records(started.audit) if r.get("event") == "egress.connection"]
         by_listener = Counter(str(r.get("listener")) for r in records if r.get("event") == "egress.connection")
         if all(by_listener[k] >= n for k, n in expected.items()) or time.monotonic() > deadline:
             break

@@ -123,7 +123,8 @@ class ProxyProcess:
     def records(self) -> list[dict]:
         if self.audit_path is None or not self.audit_path.exists():
             return []
-        return [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
+        lines = [json.loads(line) for line in self.audit_path.read_text().splitlines() if line.strip()]
+        return [r for r in lines if r.get("event") != "egress.checkpoint"]  # records, not the chain's checkpoints
 
     def wait_records(self, n: int, timeout: float = DEADLINE) -> list[dict]:
         """Wait until at least n audit records exist; return all of them."""

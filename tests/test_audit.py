@@ -27,21 +27,25 @@ def test_record_is_emitted_once(tmp_path):
     assert log.emit(rec) is True
     assert log.emit(rec) is False
     log.close()
-    [line] = path.read_text().splitlines()
+    line, final = path.read_text().splitlines()
     fields = json.loads(line)
-    assert fields[audit.EVENT] == audit.CONNECTION_EVENT
+    assert fields[audit.EVENT] == audit.CONNECTION_EVENT and fields[audit.SEQ] == 1
+    assert json.loads(final)[audit.EVENT] == audit.CHECKPOINT_EVENT
     assert fields[audit.TS] == "2023-11-14T22:13:20.500000Z"
     assert fields[audit.HOST] == "api.test" and fields[audit.DECISION] == "deny"
 
 
 def test_every_field_name_is_a_module_constant():
-    """The keys of the connection, DNS and gap records are exactly the public constants of egressd.audit."""
+    """The keys of the connection, DNS, gap and checkpoint records are exactly the public constants of
+    egressd.audit."""
     constants = {
         v for k, v in vars(audit).items()
         if k.isupper() and not k.startswith("_") and isinstance(v, str) and not k.endswith("_EVENT")
     }
     dns = set(audit.DnsRecord(0.0, "svc", "127.0.0.1:1").fields())
-    assert set(make_record().fields()) | {audit.EVENT} | set(audit.GAP_FIELDS) | dns == constants
+    chain = {audit.STREAM, audit.SEQ, audit.CHAIN}
+    records = set(make_record().fields()) | {audit.EVENT} | set(audit.GAP_FIELDS) | dns | chain
+    assert records | set(audit.CHECKPOINT_FIELDS) == constants
 
 
 def test_records_of_one_loop_iteration_are_written_as_whole_lines_in_pipe_atomic_chunks():
@@ -65,7 +69,9 @@ def test_records_of_one_loop_iteration_are_written_as_whole_lines_in_pipe_atomic
     with os.fdopen(read_fd, "rb") as reader:
         data = reader.read()
     assert data.endswith(b"\n")
-    assert [json.loads(line)["conn_id"] for line in data.splitlines()] == [f"c{n}" for n in range(50)]
+    *lines, final = [json.loads(line) for line in data.splitlines()]
+    assert [r["conn_id"] for r in lines] == [f"c{n}" for n in range(50)]
+    assert final[audit.EVENT] == audit.CHECKPOINT_EVENT
     assert len(writes) > 1 and all(len(w) <= select.PIPE_BUF and w.endswith(b"\n") for w in writes)
 
 

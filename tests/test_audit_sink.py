@@ -52,9 +52,11 @@ class FakeDisk:
         return int(n)
 
     def lines(self) -> list[dict]:
-        """Every line parsed: a torn line fails here."""
+        """Every record parsed (a torn line fails here), without the final checkpoint."""
         assert self.data.endswith(b"\n") or not self.data
-        return [json.loads(line) for line in self.data.splitlines()]
+        *records, final = [json.loads(line) for line in self.data.splitlines()]
+        assert final[audit.EVENT] == audit.CHECKPOINT_EVENT and final[audit.FINAL] is True
+        return records
 
 
 def record(conn_id: str, reason: str = "allowed", started: float = 1_700_000_000.5) -> Record:
@@ -214,9 +216,10 @@ def assert_refusing(proxy: ProxyProcess, why: str) -> None:
 
 
 def whole_lines(data: bytes) -> list[dict]:
-    """Every line parsed (a torn line fails), conn_ids unique (no record written twice)."""
+    """Every record parsed (a torn line fails; checkpoints left out), conn_ids unique (no record written twice)."""
     assert data.endswith(b"\n")
-    records = [json.loads(line) for line in data.splitlines()]
+    lines = [json.loads(line) for line in data.splitlines()]
+    records = [r for r in lines if r["event"] != audit.CHECKPOINT_EVENT]
     assert len({r["conn_id"] for r in records}) == len(records)
     return records
 
@@ -253,7 +256,8 @@ def test_full_file_system_refuses_new_connections_loses_no_record_and_recovers(l
     wait_for(lambda: http_get(proxy.admin, "/readyz")[0] == 200, what="ready again")
     assert tunnel(proxy, lab).startswith(b"HTTP/1.1 200")
     admitted += 1
-    wait_for(lambda: audit_file.read_bytes().count(b"\n") == admitted + refused, what="every record")
+    wait_for(lambda: (data := audit_file.read_bytes()).count(b"\n") - data.count(b'"egress.checkpoint"')
+             == admitted + refused, what="every record")
     records = whole_lines(audit_file.read_bytes())
     assert sum(r["reason"] == "allowed" for r in records) == admitted
     assert sum(r["reason"] == "audit_unavailable" for r in records) == refused
@@ -281,7 +285,8 @@ def test_stalled_stdout_reader_does_not_freeze_the_proxy(lab, launch):
     wait_for(lambda: http_get(proxy.admin, "/readyz")[0] == 200, what="ready again")
     assert denied(proxy).startswith(b"HTTP/1.1 403")
     served += 1
-    wait_for(lambda: output.count(b"\n") == served + refused, what="every record")
+    wait_for(lambda: output.count(b"\n") - output.count(b'"egress.checkpoint"') == served + refused,
+             what="every record")
     records = whole_lines(bytes(output))
     assert len(output) > 65536  # more than a pipe holds
     assert sum(r["reason"] == "not_allowlisted" for r in records) == served

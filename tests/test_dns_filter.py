@@ -40,7 +40,7 @@ ZONE = {
 GLOBAL = "version: v1\nglobal: true\ndeny:\n  - host: paste.dnsf.test\n"
 DNS_FIELDS = {
     "event", "ts", "service", "client", "qname", "qtype", "rcode", "answers", "decision", "reason", "detail", "rule",
-    "policy_version", "upstream_ms",
+    "policy_version", "upstream_ms", "stream", "seq", "chain",
 }
 DNS_ONLY = ("--listen", "127.0.0.1:0", "--dns-listen", "127.0.0.1:0", "--dns-passthrough", "cluster.local")
 

@@ -62,7 +62,10 @@ audit + metrics
     :class:`egressd.audit.AuditLog` and counts :mod:`egressd.metrics`, exactly
     once per connection, whatever path it took; the lines are written by the
     thread of :mod:`egressd.auditwriter`, so the event loop never waits on the
-    audit stream, and while they cannot be written nothing new is served.
+    audit stream, and while they cannot be written nothing new is served. Every
+    line is sealed into its process's chain by :mod:`egressd.auditchain` (seq,
+    chain, signed checkpoints), in the format of :mod:`egressd.auditformats`
+    (native, ECS, OCSF).
 
 Around it: :mod:`egressd.app` (start, signals, drain), :mod:`egressd.reload`
 (SIGHUP and file changes, last good policy kept), :mod:`egressd.admin`
@@ -70,7 +73,7 @@ Around it: :mod:`egressd.app` (start, signals, drain), :mod:`egressd.reload`
 subcommand group: :mod:`egressd.cli.run` for ``run``/``sidecar``,
 :mod:`egressd.cli.policy` for ``validate``/``check``, :mod:`egressd.cli.review`
 for ``diff``, :mod:`egressd.cli.policytest` for ``test``, :mod:`egressd.cli.suggest`
-for ``suggest``,
+for ``suggest``, :mod:`egressd.cli.audit` for ``audit verify``/``audit keygen``,
 :mod:`egressd.cli.iptables` for ``init-iptables``, :mod:`egressd.cli.webhook`
 and :mod:`egressd.cli.sync` for the injector's two processes), and
 :mod:`egressd.demo` with the stand-ins of :mod:`egressd.lab` on loopback, or

@@ -22,6 +22,8 @@ import uvloop
 from egressd import fdlimit
 from egressd.admin import Admin
 from egressd.audit import CLOSE_TIMEOUT, AuditLog
+from egressd.auditchain import AuditKeyError, Chain, default_stream, load_signer
+from egressd.auditformats import FORMATS
 from egressd.config import Config, system_resolvers
 from egressd.connection import Dial, Engine, PolicyHolder
 from egressd.identity.sources import SourceError, Sources
@@ -48,6 +50,14 @@ def configure_logging() -> None:
     )
 
 
+def open_audit(config: Config) -> AuditLog:
+    """The audit log as configured: this process's stream, its format, signing key and checkpoint intervals."""
+    signer = load_signer(config.audit_signing_key) if config.audit_signing_key else None
+    chain = Chain(default_stream(), FORMATS[config.audit_format], signer, config.audit_checkpoint_records,
+                  config.audit_checkpoint_seconds)
+    return AuditLog(config.audit_log, chain=chain)
+
+
 class Proxy:
     """A running egressd: engine, listener, admin endpoint and reloader."""
 
@@ -58,7 +68,7 @@ class Proxy:
         self.metrics.policy_loaded(ok=True, version=self.holder.current.version)
         resolvers = config.resolvers or system_resolvers()
         self.resolver = Resolver(resolvers, config.dns_timeout, config.dns_min_ttl, config.dns_max_ttl, self.metrics)
-        self.audit = audit or AuditLog(config.audit_log)
+        self.audit = audit or open_audit(config)
         self.metrics.audit_source = self.audit.state
         self.unwritten = 0  # audit records shutdown could not write
         service = config.service
@@ -159,7 +169,7 @@ async def serve(config: Config) -> int:
     except PolicyError as exc:
         print(f"egressd: cannot start: the allowlists do not load:\n{exc}", file=sys.stderr)
         return 2
-    except SourceError as exc:
+    except (SourceError, AuditKeyError) as exc:
         print(f"egressd: cannot start: {exc}", file=sys.stderr)
         return 2
     try:
@@ -186,6 +196,7 @@ async def serve(config: Config) -> int:
         listen=(proxy.bound.get("explicit") or [None])[0], admin=proxy.bound.get("admin", []),
         transparent=proxy.bound.get("transparent", []), dns=proxy.bound.get("dns", []), service=config.service,
         policy_version=proxy.holder.current.version if proxy.holder.current else None,
+        audit_stream=proxy.audit.stream,
     )
     await proxy.stopped.wait()
     for task in list(tasks):

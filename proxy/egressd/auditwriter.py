@@ -15,6 +15,9 @@ says why) from the first failed write, or a write blocked for ``stall_after``
 seconds, or more than ``high_water`` lines waiting, until a write succeeds
 with fewer than ``low_water`` lines left to write; the proxy then refuses new
 connections (see :meth:`egressd.connection.Engine.admit`).
+
+While it has nothing to write, the thread calls :attr:`AuditWriter.tick` at
+least every ``tick_every`` seconds (the audit log's checkpoints due by time).
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ class AuditWriter:
         self.name = name
         self.write_errors = 0  # failed writes, every try counted (written by the writer thread only)
         self.on_available: Callable[[], None] | None = None  # called on the writer thread when it recovers
+        self.tick: Callable[[], None] | None = None  # called on the writer thread while idle, every tick_every s
+        self.tick_every = 1.0
         self._write = write
         self._stall_after = stall_after
         self._high, self._low = high_water, low_water
@@ -155,8 +160,7 @@ class AuditWriter:
                         continue
                     if self._closing:
                         return
-                    self._wake.wait()
-                    self._wake.clear()
+                    self._idle()
                     continue
                 self._take()
             if not self._since:
@@ -180,6 +184,17 @@ class AuditWriter:
             if not self._piece:
                 self._piece_lines = 0
                 self._settle()
+
+    def _idle(self) -> None:
+        """Wait for lines; call tick after each wait (woken or timed out) when one is set."""
+        tick = self.tick
+        if self._wake.wait(self.tick_every if tick is not None else None):
+            self._wake.clear()
+        if tick is not None:
+            try:
+                tick()
+            except Exception as exc:  # a checkpoint that fails must not stop the records behind it
+                log.error("audit.tick_failed", error=repr(exc))
 
     def _take(self) -> None:
         """The next piece: whole lines from the queue, at most PIPE_BUF bytes unless one line is longer."""

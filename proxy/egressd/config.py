@@ -11,6 +11,7 @@ from egressd.identity import SOURCES
 from egressd.policy.model import IPNetwork, Mode
 
 HostPort = tuple[str, int]
+AUDIT_FORMATS = ("native", "ecs", "ocsf")
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,10 @@ class Config:
     allow_cidrs: tuple[IPNetwork, ...] = ()
     resolvers: tuple[HostPort, ...] = ()
     audit_log: str | None = None
+    audit_signing_key: str | None = None  # PEM PKCS#8 Ed25519: checkpoints are signed with it
+    audit_checkpoint_records: int = 1000  # a checkpoint after this many records ...
+    audit_checkpoint_seconds: float = 60.0  # ... or this long after the last one, when records were written
+    audit_format: str = "native"  # native, ecs or ocsf
     header_timeout: float = 10.0
     hello_timeout: float = 10.0
     connect_timeout: float = 5.0
@@ -82,6 +87,10 @@ class Config:
             raise ConfigError("--max-connections and --max-connections-per-client must be at least 1")
         if not 0 <= self.dns_min_ttl <= self.dns_max_ttl:
             raise ConfigError("--dns-min-ttl must be between 0 and --dns-max-ttl")
+        if self.audit_checkpoint_records < 1 or self.audit_checkpoint_seconds <= 0:
+            raise ConfigError("--audit-checkpoint-records must be at least 1 and --audit-checkpoint-seconds positive")
+        if self.audit_format not in AUDIT_FORMATS:
+            raise ConfigError(f"--audit-format must be one of {', '.join(AUDIT_FORMATS)}")
 
     def _check_identity(self) -> None:
         """Without --service, clients are identified by --identity; each source needs its settings."""

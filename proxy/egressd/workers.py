@@ -8,8 +8,9 @@ kernel spreads new connections over the workers. Over a socketpair each worker
 reports ready and answers metric snapshots; the supervisor's ``/metrics`` sums
 them. Audit records go to the inherited stdout or the same O_APPEND file, in
 whole-line writes of at most PIPE_BUF bytes (see :mod:`egressd.audit`), so lines
-never interleave. SIGHUP and SIGTERM are passed on to the workers; a worker
-that dies is started again.
+never interleave; each worker's lines are a chain of their own, its stream
+named with ``/w<N>`` (:data:`egressd.auditchain.WORKER_ENV`). SIGHUP and
+SIGTERM are passed on to the workers; a worker that dies is started again.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import structlog
 
 from egressd.admin import Admin
+from egressd.auditchain import WORKER_ENV, AuditKeyError, load_signer
 from egressd.config import Config
 from egressd.hostport import join_host_port
 from egressd.metrics import Metrics, registry_for
@@ -115,7 +117,8 @@ class Supervisor:
             "--reuse-port", "--control-fd", str(child.fileno()),
         ]
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "egressd", "run", *args, pass_fds=(child.fileno(),)
+            sys.executable, "-m", "egressd", "run", *args, pass_fds=(child.fileno(),),
+            env={**os.environ, WORKER_ENV: str(index)},
         )
         child.close()
         reader, writer = await asyncio.open_connection(sock=parent)
@@ -182,6 +185,12 @@ class Supervisor:
             load_for(self.config.allowlists, self.config.service)
         except PolicyError as exc:
             print(f"egressd: cannot start: the allowlists do not load:\n{exc}", file=sys.stderr)
+            return 2
+        try:
+            if self.config.audit_signing_key:
+                load_signer(self.config.audit_signing_key)
+        except AuditKeyError as exc:
+            print(f"egressd: cannot start: {exc}", file=sys.stderr)
             return 2
         listen = self.reserve_port()
         try:

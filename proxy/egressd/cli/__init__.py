@@ -9,6 +9,8 @@
 ``egressd diff``      what a change to the allowlists opens up, per service (:mod:`egressd.cli.review`)
 ``egressd test``      run the policy tests of allowlists/tests/ (:mod:`egressd.cli.policytest`)
 ``egressd suggest``   propose allowlist additions from audit records (:mod:`egressd.cli.suggest`)
+``egressd audit verify``  check the chain and signed checkpoints of audit logs; ``audit keygen`` makes the
+                      signing key (:mod:`egressd.cli.audit`)
 ``egressd demo``      the offline demo (its own DNS server and HTTPS origins; ``--sidecar``: in a simulated pod)
 ``egressd init-iptables``  install the pod's iptables rules, in an init container (:mod:`egressd.cli.iptables`)
 ``egressd inject-webhook``  the mutating admission webhook that injects the sidecar (:mod:`egressd.cli.webhook`)
@@ -22,7 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from egressd.cli import iptables, policy, policytest, review, run, suggest, sync, webhook
+from egressd.cli import audit, iptables, policy, policytest, review, run, suggest, sync, webhook
 from egressd.config import ConfigError, env_default
 
 
@@ -39,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_parser(sub)
     policytest.add_parser(sub)
     suggest.add_parser(sub)
+    audit.add_parser(sub)
     iptables.add_parser(sub)
     webhook.add_parser(sub)
     sync.add_parser(sub)
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             return policytest.cmd(args)
         if args.command == "suggest":
             return suggest.cmd(args)
+        if args.command == "audit":
+            return audit.cmd(args)
         if args.command == "init-iptables":
             return iptables.cmd_init(args)
         if args.command == "inject-webhook":

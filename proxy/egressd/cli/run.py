@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from egressd.addresses import parse_cidr
-from egressd.config import Config, ConfigError, HostPort, env_default, parse_hostport
+from egressd.config import AUDIT_FORMATS, Config, ConfigError, HostPort, env_default, parse_hostport
 from egressd.policy.model import Mode
 
 _FLOATS = {
@@ -28,11 +28,13 @@ _FLOATS = {
     "dns-min-ttl": "shortest time an answer is cached, seconds",
     "dns-max-ttl": "longest time an answer is cached, seconds",
     "reload-interval": "seconds between checks of the allowlist files for changes (0: SIGHUP only)",
+    "audit-checkpoint-seconds": "seconds after which a checkpoint follows the records written since the last one",
 }
 _INTS = {
     "max-header-bytes": "largest request head accepted, bytes",
     "max-connections": "most client connections open at once; more get 503",
     "max-connections-per-client": "most connections open at once from one client IP; more get 503",
+    "audit-checkpoint-records": "records after which a checkpoint follows",
 }
 # The defaults live in Config alone.
 _DEFAULTS = {f.name.replace("_", "-"): f.default for f in dataclasses.fields(Config)}
@@ -103,6 +105,11 @@ def add_run_flags(parser: argparse.ArgumentParser, defaults: Defaults) -> None:
                         help="DNS server IP[:PORT] (repeatable; default: /etc/resolv.conf)")
     parser.add_argument("--audit-log", default=env_default("audit-log"),
                         help="append audit records here (default stdout)")
+    parser.add_argument("--audit-signing-key", default=env_default("audit-signing-key"),
+                        help="sign the audit checkpoints with this Ed25519 key (PEM PKCS#8; 'egressd audit keygen'); "
+                        "without it they are chained but unsigned")
+    parser.add_argument("--audit-format", choices=AUDIT_FORMATS, default=env_default("audit-format", "native"),
+                        help="audit records as egressd's own fields, Elastic Common Schema or OCSF (native)")
     parser.add_argument("--workers", type=int, default=env_default("workers", defaults.workers),
                         help=f"worker processes sharing the listen port ({defaults.workers})")
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
@@ -162,6 +169,8 @@ def config_from(args: argparse.Namespace) -> Config:
         allow_cidrs=tuple(cidrs),
         resolvers=tuple(parse_hostport(r, "--resolver", 53) for r in resolvers),
         audit_log=args.audit_log,
+        audit_signing_key=args.audit_signing_key or None,
+        audit_format=args.audit_format,
         workers=args.workers,
         reuse_port=args.reuse_port,
         control_fd=args.control_fd,
