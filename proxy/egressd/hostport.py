@@ -14,7 +14,9 @@ a Host header, a TLS SNI, an allowlist pattern) passes through
 
 Anything else (octal, hex or integer IPv4 forms, zone identifiers, empty
 labels, spaces, user-info) raises :class:`BadDestination`, whose message says
-what was wrong. Nothing here touches a socket.
+what was wrong, quoting at most the first hundred characters of what it
+refuses (:func:`quoted`): a 16 KiB name in a request head must not become
+16 KiB of audit record. Nothing here touches a socket.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import idna
 
 __all__ = [
     "BadDestination", "Destination", "IPAddress", "ip_text", "join_host_port", "normalize_host", "parse_authority",
-    "parse_ip",
+    "parse_ip", "quoted",
 ]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -38,6 +40,15 @@ _NUMERIC_LABEL = re.compile(r"(?:[0-9]+|0x[0-9a-f]*)\Z")
 _DOTTED_QUAD = re.compile(r"(?:0|[1-9][0-9]{0,2})(?:\.(?:0|[1-9][0-9]{0,2})){3}\Z")
 _PORT = re.compile(r"[1-9][0-9]{0,4}\Z")
 _ASCII_NAME_CHARS = re.compile(r"[A-Za-z0-9._-]+\Z")
+_QUOTED = 100  # characters of a refused text a message quotes
+
+
+def quoted(text: str, limit: int = _QUOTED) -> str:
+    """``repr(text)``, or when ``text`` is longer than ``limit`` characters the repr of its start and its length:
+    what a message quotes of hostile input stays bounded."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 class BadDestination(ValueError):
@@ -59,7 +70,9 @@ class Destination:
             raise BadDestination(f"port {self.port} is out of range 1-65535")
         canonical = parse_ip(self.host) is None if self.ip is None else ip_text(self.ip) == self.host
         if not canonical:
-            raise BadDestination(f"{self.host!r}: host and ip disagree; build destinations with parse_authority()")
+            raise BadDestination(
+                f"{quoted(self.host)}: host and ip disagree; build destinations with parse_authority()"
+            )
 
     @property
     def authority(self) -> str:
@@ -88,17 +101,19 @@ def parse_ip(text: str) -> IPAddress | None:
     ``127.1``, ``fe80::1%eth0``).
     """
     if "%" in text and ":" in text:
-        raise BadDestination(f"{text!r}: IPv6 zone identifiers are not accepted; write the address without '%zone'")
+        raise BadDestination(
+            f"{quoted(text)}: IPv6 zone identifiers are not accepted; write the address without '%zone'"
+        )
     if ":" in text:
         try:
             return ipaddress.IPv6Address(text)
         except ValueError:
-            raise BadDestination(f"{text!r} is not a valid IPv6 address") from None
+            raise BadDestination(f"{quoted(text)} is not a valid IPv6 address") from None
     if _DOTTED_QUAD.match(text):
         try:
             return ipaddress.IPv4Address(text)
         except ValueError:
-            raise BadDestination(f"{text!r} is not a valid IPv4 address (each part must be 0-255)") from None
+            raise BadDestination(f"{quoted(text)} is not a valid IPv4 address (each part must be 0-255)") from None
     return None
 
 
@@ -115,7 +130,7 @@ def normalize_host(text: str) -> str:
         inner = text[1:-1]
         ip = parse_ip(inner)
         if ip is None or ip.version != 6:
-            raise BadDestination(f"{text!r}: only IPv6 addresses may be written in brackets")
+            raise BadDestination(f"{quoted(text)}: only IPv6 addresses may be written in brackets")
         return ip_text(ip)
     ip = parse_ip(text)
     if ip is not None:
@@ -126,30 +141,32 @@ def normalize_host(text: str) -> str:
 def _normalize_name(text: str) -> str:
     name = text[:-1] if text.endswith(".") else text
     if not name:
-        raise BadDestination(f"{text!r} is not a host name")
+        raise BadDestination(f"{quoted(text)} is not a host name")
     if _ASCII_NAME_CHARS.match(name):
         name = name.lower()
     else:
         try:
             name = idna.encode(name, uts46=True, transitional=False).decode("ascii")
         except (idna.IDNAError, UnicodeError) as exc:
-            raise BadDestination(f"{text!r} is not a valid internationalised host name: {exc}") from None
+            why = str(exc)[: _QUOTED * 2]  # idna's words may quote the whole label
+            raise BadDestination(f"{quoted(text)} is not a valid internationalised host name: {why}") from None
     if len(name) > 253:
         raise BadDestination(f"host name of {len(name)} characters is longer than 253")
     labels = name.split(".")
     for label in labels:
         if not _LABEL.match(label):
             raise BadDestination(
-                f"{text!r}: label {label!r} is not a DNS label (letters, digits, '-', '_'; 1-63 characters)"
+                f"{quoted(text)}: label {quoted(label)} is not a DNS label (letters, digits, '-', '_'; 1-63 characters)"
             )
         if label.startswith("xn--"):
             try:
                 idna.decode(label)
             except (idna.IDNAError, UnicodeError):
-                raise BadDestination(f"{text!r}: label {label!r} is not valid punycode") from None
+                raise BadDestination(f"{quoted(text)}: label {quoted(label)} is not valid punycode") from None
     if _NUMERIC_LABEL.match(labels[-1]):
         raise BadDestination(
-            f"{text!r} looks like an IP address in a non-canonical form; write IPv4 as four decimal parts (1.2.3.4)"
+            f"{quoted(text)} looks like an IP address in a non-canonical form; "
+            "write IPv4 as four decimal parts (1.2.3.4)"
         )
     return name
 
@@ -162,28 +179,30 @@ def parse_authority(text: str, default_port: int | None = None) -> Destination:
     is required (as in a CONNECT request line).
     """
     if not text or any(c in text for c in "@/?# \t\\"):
-        raise BadDestination(f"{text!r} is not a host:port authority")
+        raise BadDestination(f"{quoted(text)} is not a host:port authority")
     if text.startswith("["):
         end = text.find("]")
         if end < 0:
-            raise BadDestination(f"{text!r}: unterminated '[' in IPv6 authority")
+            raise BadDestination(f"{quoted(text)}: unterminated '[' in IPv6 authority")
         host_text, rest = text[: end + 1], text[end + 1 :]
         if rest and not rest.startswith(":"):
-            raise BadDestination(f"{text!r}: expected ':port' after ']'")
+            raise BadDestination(f"{quoted(text)}: expected ':port' after ']'")
         port_text = rest[1:] if rest else None
     else:
         host_text, sep, port_text = text.rpartition(":")
         if not sep:
             host_text, port_text = text, None
         elif ":" in host_text:
-            raise BadDestination(f"{text!r}: IPv6 addresses must be written in brackets, e.g. [2001:db8::1]:443")
+            raise BadDestination(f"{quoted(text)}: IPv6 addresses must be written in brackets, e.g. [2001:db8::1]:443")
     if port_text is None:
         if default_port is None:
-            raise BadDestination(f"{text!r}: a port is required (host:port)")
+            raise BadDestination(f"{quoted(text)}: a port is required (host:port)")
         port = default_port
     else:
         if not _PORT.match(port_text):
-            raise BadDestination(f"{text!r}: port {port_text!r} is not a decimal number 1-65535 (no leading zeros)")
+            raise BadDestination(
+                f"{quoted(text)}: port {quoted(port_text)} is not a decimal number 1-65535 (no leading zeros)"
+            )
         port = int(port_text)
     host = normalize_host(host_text)
     ip = parse_ip(host) if (host[0].isdigit() or ":" in host) else None

@@ -5,7 +5,8 @@
 (connections redirected by iptables, named by their ClientHello or HTTP head)
 and :mod:`~egressd.listeners.dns` (the sidecar's DNS filter). Each has an
 ``async start(engine, host, port)`` that binds and returns a :data:`Listening`;
-the TCP ones accept clients through :class:`Accepted`.
+the TCP ones accept clients through :class:`Accepted`. :func:`recorded_sni`
+bounds what a record keeps of a client's server name.
 """
 
 from __future__ import annotations
@@ -83,6 +84,17 @@ class Accepted(Side):
         super().connection_lost(exc)
         if self.who is not None:
             self.engine.release(self, self.who)
+
+
+SNI_KEPT = 255  # characters of a server name a record keeps: any DNS name fits (255 octets on the wire)
+
+
+def recorded_sni(sni: str | None) -> str | None:
+    """A ClientHello's server name as the record keeps it: whole when a DNS name could be that long, else its
+    start and ``...`` (a server name may be 64 KiB; a record must not)."""
+    if sni is None or len(sni) <= SNI_KEPT:
+        return sni
+    return sni[:SNI_KEPT] + "..."
 
 
 def internal_error(rec: Record, client: Side, exc: Exception) -> None:

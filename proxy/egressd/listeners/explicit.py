@@ -8,8 +8,9 @@ the request line names the destination, and the shared steps of
 
 ``CONNECT host:port``
     authorize → resolve+pin → dial → ``200`` → on TLS ports, the first client
-    bytes must be a ClientHello whose SNI equals ``host`` (checked before a
-    byte goes upstream) → splice; the task ends there, and the relay's callbacks
+    bytes must be a ClientHello whose SNI equals ``host``, or, when ``host``
+    is an IP address, a ClientHello without SNI (checked before a byte goes
+    upstream) → splice; the task ends there, and the relay's callbacks
     carry the tunnel until either side ends.
 ``GET http://host/path`` (and every other method)
     handed to :class:`~egressd.listeners.forward.Forwarder`, which checks every request of
@@ -30,8 +31,8 @@ import structlog
 from egressd.audit import Record
 from egressd.connection import Client, Engine
 from egressd.errors import Denied, ProxyError
-from egressd.hostport import BadDestination, Destination, normalize_host
-from egressd.listeners import Accepted
+from egressd.hostport import BadDestination, Destination, normalize_host, quoted
+from egressd.listeners import Accepted, recorded_sni
 from egressd.listeners.requests import error_response, serve_requests
 from egressd.policy.model import Reason
 from egressd.relay import Side
@@ -86,11 +87,14 @@ async def read_sni(engine: Engine, rec: Record, client: Side, dest: Destination)
         ) from None
     if hello.status is not HelloStatus.OK:
         raise Denied(Reason.SNI_MISSING, f"the first bytes on a TLS port are not a TLS ClientHello: {hello.detail}")
-    rec.sni = hello.sni
+    rec.sni = recorded_sni(hello.sni)
     if hello.sni is None:
         if dest.ip is not None:
             return
         raise Denied(Reason.SNI_MISSING, f"the TLS ClientHello carries no server name; expected {dest.host}")
+    if dest.ip is not None:  # even its own address: SNI would steer a shared front end to a name never decided
+        raise Denied(Reason.SNI_MISMATCH, f"the TLS ClientHello names {quoted(hello.sni)} but the CONNECT host is "
+                     f"the address {dest.host}, which has no name to match; send no server name to an address")
     try:
         sni = normalize_host(hello.sni)
     except BadDestination as exc:

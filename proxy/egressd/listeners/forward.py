@@ -138,7 +138,9 @@ class Forwarder:
             return self._switch(rec)
         if not reusable:
             self.close()
-        if keep_client and not self.requests.upgraded:
+        # The parser stopped at an upgrade: this request's (the connection ends), or that of a CONNECT or
+        # WebSocket head pipelined behind it, which is served next like any other request.
+        if keep_client and (not self.requests.upgraded or head.upgrade is None):
             self.engine.close(rec)
             return NEXT
         return DONE

@@ -5,8 +5,10 @@ transparent one (origin-form requests named by ``Host``): read each request
 head (:func:`read_head`), name its destination (the listener's ``parse``),
 hand it to the :class:`~egressd.listeners.forward.Forwarder` or, for CONNECT,
 to the listener's tunnel; every request on a kept-alive connection is decided
-again and gets its own record. Errors become the answers of
-:func:`error_response` (403 with ``X-Egressd-Reason``, 400, 502, ...).
+again and gets its own record. At a gateway each request is identified by its
+one ``Proxy-Authorization`` (:func:`credentials_of`; several are a bad
+request). Errors become the answers of :func:`error_response` (403 with
+``X-Egressd-Reason``, 400, 502, ...).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ async def serve_requests(
                 raise refused
             first = False
             if engine.identifier.fixed is None:  # the gateway: every request is identified by its own credentials
-                engine.identify(rec, who.ip, head.get(b"proxy-authorization"))
+                engine.identify(rec, who.ip, credentials_of(head))
             target = parse(head)
             if target.connect and tunnel is not None:
                 if forwarder is not None:  # plain HTTP first, then CONNECT: its upstream is done with
@@ -121,6 +123,14 @@ async def serve_requests(
             if not client.lingering:
                 client.close()
 
+
+
+def credentials_of(head: Head) -> bytes | None:
+    """The request's one Proxy-Authorization value; BadRequest for several (which one would be the client's?)."""
+    values = [value for name, value in head.headers if name == b"proxy-authorization"]
+    if len(values) > 1:
+        raise BadRequest(f"the request has {len(values)} Proxy-Authorization headers; send one")
+    return values[0] if values else None
 
 
 async def read_head(engine: Engine, client: Side, requests: RequestParser, first: bool) -> Head | None:

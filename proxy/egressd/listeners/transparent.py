@@ -58,7 +58,7 @@ from egressd.audit import Record
 from egressd.connection import Client, Engine
 from egressd.errors import BadRequest, Denied, ProxyError
 from egressd.hostport import BadDestination, Destination, IPAddress, ip_text, join_host_port, parse_authority
-from egressd.listeners import Accepted, internal_error
+from egressd.listeners import Accepted, internal_error, recorded_sni
 from egressd.listeners.requests import serve_requests
 from egressd.policy.decide import decide
 from egressd.policy.model import Decision, Reason
@@ -207,7 +207,7 @@ async def route(engine: Engine, rec: Record, client: _Client) -> bool:
         rec.protocol = "tls"
         if hello.status is HelloStatus.MALFORMED:
             raise BadRequest(f"malformed TLS ClientHello: {hello.detail}")
-        rec.sni, rec.ech = hello.sni, hello.ech
+        rec.sni, rec.ech = recorded_sni(hello.sni), hello.ech
         if hello.sni is not None:
             dest = named(hello.sni, port)
             rec.sni = dest.host
@@ -241,7 +241,7 @@ def named(sni: str, port: int) -> Destination:
     try:
         return parse_authority(join_host_port(sni, port))
     except BadDestination as exc:
-        raise BadRequest(f"the TLS server name {sni!r} is not a host name: {exc}") from None
+        raise BadRequest(f"the TLS server name is not a host name: {exc}") from None
 
 
 async def sniff(client: Side, deadline: float) -> tuple[First, ClientHello | None]:

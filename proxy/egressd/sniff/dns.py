@@ -13,8 +13,9 @@ Hard cases, and what is done about them:
 * A message that does not parse is answered FORMERR when its ID can be read (two
   bytes), with a bare header; a response (QR set) sent to us is dropped, as BIND
   and Unbound do, so that two servers cannot be made to answer each other
-  forever; a non-QUERY opcode is NOTIMP; more or fewer than one question is
-  FORMERR; EDNS version above 0 is BADVERS (RFC 6891).
+  forever; a non-QUERY opcode is NOTIMP, read from the header before the rest
+  is parsed (an UPDATE's sections do not parse as a query's); more or fewer
+  than one question is FORMERR; EDNS version above 0 is BADVERS (RFC 6891).
 * Our answers set RA, copy RD and CD, and carry EDNS only when the query did,
   with its DO bit (RFC 3225) and our payload size (1232, DNS flag day 2020).
 * HTTPS/SVCB records (types 65/64) lose their ``ech`` SvcParam, and ``ech``
@@ -88,13 +89,14 @@ def read_query(wire: bytes) -> dns.message.Message | Bad:
         return Bad(None, None, f"a message of {len(wire)} byte(s) has no ID to answer; dropped")
     if len(wire) > 2 and wire[2] & 0x80:
         return Bad(None, None, "a response (QR set) was sent as a query; dropped, as resolvers do")
+    opcode = wire[2] >> 3 & 0x0F if len(wire) > 2 else dns.opcode.QUERY
+    if opcode != dns.opcode.QUERY:  # before parsing: an UPDATE's sections do not parse as a query's would
+        text = dns.opcode.to_text(opcode)
+        return Bad(header_reply(wire, dns.rcode.NOTIMP), "NOTIMP", f"opcode {text} is not implemented")
     try:
         query = dns.message.from_wire(wire)
     except Exception as exc:  # hostile bytes: any parse failure is a FORMERR, never a dead listener
         return Bad(header_reply(wire, dns.rcode.FORMERR), "FORMERR", f"malformed message: {exc or type(exc).__name__}")
-    if query.opcode() != dns.opcode.QUERY:
-        opcode = dns.opcode.to_text(query.opcode())
-        return Bad(header_reply(wire, dns.rcode.NOTIMP), "NOTIMP", f"opcode {opcode} is not implemented")
     if len(query.question) != 1:
         return Bad(header_reply(wire, dns.rcode.FORMERR), "FORMERR", f"{len(query.question)} questions; one expected")
     if query.edns > 0:
@@ -217,7 +219,9 @@ def _negative_ttl(authority: list[dns.rrset.RRset]) -> int | None:
 
 
 def _lifetime(answer: list, authority: list, additional: list) -> int:
-    ttls = [r.ttl for r in (*answer, *authority, *additional) if r.rdtype != dns.rdatatype.SOA]
+    """The smallest TTL of the answer's records; an SOA in the authority section gives the negative TTL instead
+    (one in the answer section, the answer to an SOA query, counts as any record)."""
+    ttls = [r.ttl for r in (*answer, *additional)] + [r.ttl for r in authority if r.rdtype != dns.rdatatype.SOA]
     negative = _negative_ttl(authority)
     if negative is not None or not answer:
         ttls.append(negative or 0)  # a negative answer without an SOA is not kept

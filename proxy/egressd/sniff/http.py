@@ -3,14 +3,20 @@
 :class:`RequestParser` and :class:`ResponseParser` are fed bytes as they arrive
 and queue what llhttp found: a :class:`Head`, body pieces (``bytes``, with
 chunked coding already removed) and :data:`END` at the end of each message.
+Trailer fields are dropped: llhttp reports them as it reports header fields,
+and they must never join the head (a trailing Content-Length or Host would be
+forwarded as if the client had sent it up front).
 Pipelined messages simply queue one after the other. llhttp refuses what RFC
 9112 refuses (bad tokens and control characters, bare LF, obs-fold, both
 Content-Length and Transfer-Encoding, duplicate Content-Length, a
 Transfer-Encoding that does not end in ``chunked`` on a request); those become
-:class:`~egressd.errors.BadRequest` here, with llhttp's words.
+:class:`~egressd.errors.BadRequest` here, with llhttp's words. So does what
+llhttp lets through but RFC 9112 6.1 calls faulty framing: Transfer-Encoding
+in an HTTP/1.0 request.
 
 What a request head names (:mod:`egressd.sniff.target`) is checked apart from
-the parsing here.
+the parsing here. :func:`forward_headers` drops what does not cross a hop,
+never the framing or the Host, whatever a Connection header lists.
 """
 
 from __future__ import annotations
@@ -99,7 +105,8 @@ class _Parser:
         self._url += piece
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head.headers.append((name.lower(), value))  # type: ignore[union-attr]
+        if self._open_for:  # a field of the head; a chunked body's trailer fields come later and are dropped
+            self._head.headers.append((name.lower(), value))  # type: ignore[union-attr]
 
     def on_headers_complete(self) -> None:
         head, parser = self._head, self._parser
@@ -169,6 +176,8 @@ class RequestParser(_Parser):
         head.target = self._url
         if head.version not in ("1.1", "1.0"):
             raise BadRequest(f"HTTP/{head.version} is not supported; send HTTP/1.1")
+        if head.version == "1.0" and head.get(b"transfer-encoding") is not None:  # RFC 9112 6.1: faulty framing
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request cannot be trusted; send HTTP/1.1")
 
     def feed(self, data: bytes) -> None:
         """Parse client bytes; BadRequest (400, 431) when they are not HTTP/1.x."""
@@ -304,12 +313,17 @@ class _HeadOnly(Exception):
 Headers = list[tuple[bytes, bytes]]
 
 
+# What a Connection header may not remove: the fields that frame the message and name its host. A client that
+# lists Content-Length there would have its body reach the origin without it, read as a request never decided.
+KEPT = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+
 def forward_headers(headers: Headers, drop: frozenset[bytes] = frozenset()) -> Headers:
-    """Drop hop-by-hop headers, those the Connection header lists, and ``drop``."""
+    """Drop hop-by-hop headers, those the Connection header lists (never those of :data:`KEPT`), and ``drop``."""
     listed = {
         token.strip().lower()
         for name, value in headers
         if name == b"connection"
         for token in value.split(b",")
-    }
+    } - KEPT
     return [(n, v) for n, v in headers if n not in HOP_BY_HOP and n not in listed and n not in drop]

@@ -9,9 +9,12 @@ Two request forms reach an explicit proxy and both name the destination:
   another site by Host. HTTP/1.0 may leave Host out.
 
 Origin-form (``GET /path``), ``https://`` absolute-form and asterisk-form are
-refused with 400 and a message saying what to send instead. A refused request
-that named a valid destination carries it in the error's ``dest``, for the
-record.
+refused with 400 and a message saying what to send instead, as is a CONNECT
+that announces a body (Content-Length above 0 or Transfer-Encoding): what
+follows a CONNECT is the tunnel's, and a front proxy reading it as a body would
+see other requests than egressd. A refused request that named a valid
+destination carries it in the error's ``dest``, for the record. Messages quote
+at most the start of what they refuse (:func:`egressd.hostport.quoted`).
 
 A request that reached egressd through an iptables redirect (the transparent
 listener) is the other way round: it is in origin-form, as sent to an origin,
@@ -26,7 +29,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from egressd.errors import BadRequest, Denied
-from egressd.hostport import BadDestination, Destination, parse_authority
+from egressd.hostport import BadDestination, Destination, parse_authority, quoted
 from egressd.policy.model import Reason
 from egressd.sniff.http import Head
 
@@ -46,18 +49,24 @@ def parse_target(head: Head) -> Target:
     target = head.target.decode("ascii", "replace")
     if head.method == b"CONNECT":
         try:
-            return Target(parse_authority(target), connect=True)
+            dest = parse_authority(target)
         except BadDestination as exc:
-            raise BadRequest(f"CONNECT {target}: {exc}") from None
+            raise BadRequest(f"CONNECT: {exc}") from None
+        if head.length or head.get(b"transfer-encoding") is not None:
+            raise BadRequest(
+                f"CONNECT {dest.authority} announces a body (Content-Length or Transfer-Encoding); a CONNECT has "
+                "none, and what follows it is the tunnel's: send the CONNECT without them", dest=dest,
+            )
+        return Target(dest, connect=True)
     if target.startswith("/") or target == "*":
         raise BadRequest(
-            f"{head.method.decode()} {target}: egressd is a forward proxy; send an absolute URL "
+            f"{head.method.decode()} {quoted(target)}: egressd is a forward proxy; send an absolute URL "
             "(http://host/path) or CONNECT host:port"
         )
     try:
         url = urlsplit(target)
     except ValueError as exc:
-        raise BadRequest(f"{target!r} is not a URL: {exc}") from None
+        raise BadRequest(f"{quoted(target)} is not a URL: {exc}") from None
     try:
         dest: Destination | None = parse_authority(
             url.netloc.rpartition("@")[2], default_port=443 if url.scheme in ("https", "wss") else 80
@@ -67,11 +76,11 @@ def parse_target(head: Head) -> Target:
         dest, problem = None, str(exc)
     if url.scheme not in ("http", "ws"):
         hint = "; for https and wss use CONNECT (curl -x does)" if url.scheme in ("https", "wss") else ""
-        raise BadRequest(f"{target!r}: only http:// (and ws://) URLs are forwarded{hint}", dest=dest)
+        raise BadRequest(f"{quoted(target)}: only http:// (and ws://) URLs are forwarded{hint}", dest=dest)
     if url.username is not None or url.password is not None:
-        raise BadRequest(f"{target!r}: user-info in the URL is not accepted", dest=dest)
+        raise BadRequest(f"{quoted(target)}: user-info in the URL is not accepted", dest=dest)
     if dest is None:
-        raise BadRequest(f"{target!r}: {problem}")
+        raise BadRequest(f"{quoted(target)}: {problem}")
     path = url.path or "/"
     if url.query:
         path += "?" + url.query
@@ -95,7 +104,7 @@ def check_host_header(head: Head, dest: Destination) -> None:
         named = None
     if named is None or (named.host, named.port) != (dest.host, dest.port):
         raise Denied(
-            Reason.HOST_MISMATCH, f"Host header {value!r} does not name the requested {dest.authority}", dest=dest
+            Reason.HOST_MISMATCH, f"Host header {quoted(value)} does not name the requested {dest.authority}", dest=dest
         )
 
 
@@ -122,11 +131,11 @@ def parse_origin_target(head: Head, port: int) -> Target:
     try:
         named = parse_authority(value, default_port=port)
     except BadDestination as exc:
-        raise BadRequest(f"Host header {value!r}: {exc}") from None
+        raise BadRequest(f"Host header {quoted(value)}: {exc}") from None
     if named.port != port:
         raise Denied(
             Reason.HOST_MISMATCH,
-            f"Host header {value!r} names port {named.port} but the connection was made to port {port}",
+            f"Host header {quoted(value)} names port {named.port} but the connection was made to port {port}",
             dest=Destination(named.host, port, named.ip),
         )
     return Target(named, connect=False, path=head.target)
