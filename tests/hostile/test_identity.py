@@ -183,8 +183,6 @@ def test_jwks_of_thousands_of_keys_loads_and_verifies(tmp_path: Path) -> None:
 NESTED_JWKS = '{"keys": ' + "[" * 200_000 + "]" * 200_000 + "}"
 
 
-@pytest.mark.xfail(strict=True, reason="identity/jwks.py: parse_jwks lets json.loads' RecursionError escape, so a "
-                                       "deeply nested JWKS stops the start with a traceback instead of a JwksError")
 def test_deeply_nested_jwks_stops_the_start_with_a_message(tmp_path: Path) -> None:
     """A JWKS file of deeply nested JSON stops the start with a JwksError naming the file."""
     from egressd.identity.jwks import JwksError, JwksFile
@@ -195,8 +193,6 @@ def test_deeply_nested_jwks_stops_the_start_with_a_message(tmp_path: Path) -> No
         JwksFile(path)
 
 
-@pytest.mark.xfail(strict=True, reason="identity/jwks.py: JwksFile.refresh lets RecursionError escape, which ends "
-                                       "run(): the file is never reloaded again (key rotation stops)")
 def test_deeply_nested_jwks_on_reload_keeps_the_last_good_keys(tmp_path: Path) -> None:
     """A JWKS file rewritten as deeply nested JSON fails its reload: the last good keys stay and the next good
     file is still picked up."""

@@ -71,6 +71,8 @@ def parse_jwks(data: bytes, where: str, previous: KeySet | None = None) -> KeySe
         doc = json.loads(data)
     except (ValueError, UnicodeDecodeError):
         raise JwksError(f"{where}: not JSON; give the JWKS of the cluster's service-account issuer") from None
+    except RecursionError:  # JSON nested deeper than the parser's stack: no key set looks like that
+        raise JwksError(f"{where}: JSON nested too deeply to be a JWKS; give the cluster issuer's JWKS") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
         raise JwksError(f"{where}: not a JWKS (expected an object with a \"keys\" list)")
     keys: dict[str, PyJWK] = {}
