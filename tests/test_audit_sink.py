@@ -310,3 +310,50 @@ def test_sigterm_ends_the_proxy_promptly_while_stdout_is_stalled(lab, launch):
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def dns_rcode(proxy: ProxyProcess, name: str = "echo.test") -> str:
+    """The DNS filter's answer code for an A query of ``name`` over UDP."""
+    import dns.message
+    import dns.query
+    import dns.rcode
+
+    answer = dns.query.udp(dns.message.make_query(name, "A"), proxy.dns[0][0], port=proxy.dns[0][1], timeout=5)
+    return dns.rcode.to_text(answer.rcode())
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs in a private mount namespace needs root")
+def test_full_file_system_makes_the_dns_filter_answer_servfail_until_records_can_be_written(lab, launch, tmp_path):
+    """The DNS filter fails closed like the proxy: while the audit file's file system is full every query gets
+    SERVFAIL with reason audit_unavailable (counted, and recorded once space is back), and it answers again by
+    itself when it can write."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    prefix = [
+        "unshare", "--mount", "--propagation", "private", "--",
+        "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0" && exec "$@"', str(mount),
+    ]
+    proxy = launch("--dns-listen", "127.0.0.1:0", audit_path=mount / "audit.jsonl", prefix=prefix,
+                   stdout=subprocess.DEVNULL)
+    inside = Path(f"/proc/{proxy.proc.pid}/root") / mount.relative_to("/")
+    assert dns_rcode(proxy) == "NOERROR"
+    wait_for(lambda: (inside / "audit.jsonl").stat().st_size > 0, what="the first record")
+    filler = os.open(inside / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(filler, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(filler)
+    until_refused(lambda: tunnel(proxy, lab), b"HTTP/1.1 200")  # the writer has met the full disk
+    assert dns_rcode(proxy) == "SERVFAIL"
+    assert proxy.metric("egressd_dns_queries_total", service="svc", decision="deny", reason="audit_unavailable") >= 1
+    (inside / "filler").unlink()
+    wait_for(lambda: http_get(proxy.admin, "/readyz")[0] == 200, what="ready again")
+    assert dns_rcode(proxy) == "NOERROR"
+    def refusal_recorded() -> bool:
+        lines = (inside / "audit.jsonl").read_bytes().splitlines()
+        return any(r["event"] == "egress.dns" and r["reason"] == "audit_unavailable" for r in map(json.loads, lines))
+
+    wait_for(refusal_recorded, what="the refusal recorded")

@@ -6,6 +6,7 @@
                                                         └─ allow ─▶ AnswerCache ─ hit ──▶ the kept answer, TTLs lowered
                                                                        └─ miss ─▶ task: ask_upstream ─▶ Answer.of
     every query: Resolver.seed (A/AAAA answers), one egress.dns record (unless --dns-audit denied), one count
+    while the audit log cannot be written: SERVFAIL (audit_unavailable) before any decision, as the proxy's 503
 
 :class:`Filter` is shared by the UDP socket and the TCP connections of
 :mod:`egressd.listeners.dns`; the message logic is in :mod:`egressd.sniff.dns`.
@@ -164,6 +165,11 @@ class Filter:
         except BadDestination as exc:
             rec.qname = text
             self._refuse(rec, query, send, udp, dns.rcode.NXDOMAIN, f"the name does not normalise: {exc}")
+            return None
+        refused = engine.audit_refusal()
+        if refused is not None:  # no record could be written: answer nothing (a SERVFAIL, so clients retry later)
+            rec.decision, rec.reason = "deny", refused.reason.value
+            self._refuse(rec, query, send, udp, dns.rcode.SERVFAIL, str(refused))
             return None
         policy = engine.policy.current
         if policy is None:
