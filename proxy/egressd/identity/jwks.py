@@ -105,7 +105,7 @@ def _unusable(jwk: object) -> str | None:
     if not isinstance(jwk, dict):
         return "not a JSON object"
     kty = jwk.get("kty")
-    if kty not in ALGORITHMS:
+    if not isinstance(kty, str) or kty not in ALGORITHMS:  # a list or object is unhashable: no lookup
         return f"kty {str(kty)[:16]!r} is not RSA or EC"
     if not isinstance(jwk.get("kid"), str) or not jwk["kid"]:
         return "no kid"

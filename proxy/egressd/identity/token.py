@@ -12,8 +12,10 @@ that as ``Basic base64("egressd:" + JWT)`` (the user name is ignored). ``Bearer
 2. ``kid`` names a key of the set in force, of the type of ``alg``
    (unknown: the source is asked to refresh, this token is refused);
 3. the signature (PyJWT);
-4. ``iss`` equals the issuer, ``aud`` holds the audience, ``exp`` is required;
-   ``exp``, ``nbf`` and ``iat`` are checked against the clock with ``leeway``;
+4. ``iss`` equals the issuer, ``aud`` (strings only) holds the audience, ``exp``
+   is required; ``exp``, ``nbf`` and ``iat``, when present finite numbers (JSON
+   also carries NaN, Infinity and 10**400), are checked against the clock with
+   ``leeway``; ``sub``, when present, is a string;
 5. who: the ``kubernetes.io`` claims (namespace, service account, pod and its
    uid), else ``sub`` = ``system:serviceaccount:NS:NAME``.
 
@@ -31,6 +33,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -152,12 +155,12 @@ class TokenVerifier:
             raise BadIdentity("malformed token (not header.payload.signature)")
         try:
             header = json.loads(_b64(token.partition(".")[0]))
-        except (ValueError, binascii.Error, UnicodeDecodeError):
+        except (ValueError, binascii.Error, RecursionError):  # (RecursionError: JSON nested thousands deep)
             raise BadIdentity("malformed token (the header is not base64url JSON)") from None
         if not isinstance(header, dict):
             raise BadIdentity("malformed token (the header is not a JSON object)")
         alg = header.get("alg")
-        if alg not in ALLOWED_ALGS:
+        if not isinstance(alg, str) or alg not in ALLOWED_ALGS:
             shown = alg if isinstance(alg, str) and alg.isalnum() and len(alg) <= 8 else "unknown"
             raise BadIdentity(f"alg {shown} not allowed (egressd accepts RS256 and ES256)")
         kid = header.get("kid")
@@ -183,12 +186,16 @@ class TokenVerifier:
             raise BadIdentity("malformed token (payload or signature is not base64url JSON)") from None
         except PyJWTError as exc:
             raise BadIdentity(f"malformed token ({type(exc).__name__})") from None
+        except RecursionError:
+            raise BadIdentity("malformed token (the payload is JSON nested too deep)") from None
         iss = claims.get("iss")
         if iss != self.issuer:
             shown = f"{iss[:100]!r}" if isinstance(iss, str) else "none"
             raise BadIdentity(f"wrong issuer {shown} (egressd accepts {self.issuer!r})")
         aud = claims.get("aud")
         auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        if not all(isinstance(a, str) for a in auds):
+            raise BadIdentity("malformed token (aud is not a string or a list of strings)")
         if self.audience not in auds:
             shown = ", ".join(repr(a[:64]) for a in auds[:4] if isinstance(a, str)) or "none"
             raise BadIdentity(f"wrong audience {shown} (egressd accepts {self.audience!r})")
@@ -201,6 +208,8 @@ class TokenVerifier:
             raise BadIdentity(f"not yet valid (nbf is {nbf - now:.0f} s ahead)")
         if iat is not None and iat > now + self.leeway:
             raise BadIdentity(f"issued in the future (iat is {iat - now:.0f} s ahead)")
+        if "sub" in claims and not isinstance(claims["sub"], str):
+            raise BadIdentity("malformed token (sub is not a string)")
         return _identity(claims), exp
 
 
@@ -239,12 +248,20 @@ def _word(value: object) -> bool:
 
 
 def _time(claims: dict[str, Any], name: str) -> float | None:
-    value = claims.get(name)
-    if value is None:
+    """A NumericDate claim as seconds; BadIdentity when it is not a finite number (JSON allows NaN, Infinity and
+    10**400: such an exp would never pass, such an nbf never hold)."""
+    if name not in claims:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):  # (null too: present, it must be a date)
         raise BadIdentity(f"malformed token ({name} is not a number)")
-    return float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:
+        seconds = math.inf
+    if not math.isfinite(seconds):
+        raise BadIdentity(f"malformed token ({name} is not a finite number)")
+    return seconds
 
 
 def _expired(ago: float) -> str:

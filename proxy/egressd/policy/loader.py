@@ -3,9 +3,11 @@
 The YAML is composed into nodes (``yaml.compose``, safe loader) and walked
 here, never constructed: every scalar is read as the text it is and parsed by
 us, so YAML 1.1 surprises cannot happen (``0443`` is not octal 291, ``on`` is
-not True) and every error carries the line it is on. Duplicate keys, which
-PyYAML would silently resolve to the last one, are errors, and so are aliases
-(``*name``): a reviewer must see every value where it applies.
+not True, a plain ``null`` is no value rather than the name "null") and every
+error carries the line it is on. Duplicate keys, which PyYAML would silently
+resolve to the last one, are errors, and so are aliases (``*name``): a reviewer
+must see every value where it applies, and values nested deeper than any
+allowlist does (the composer recurses once per level).
 
 Loading never stops at the first problem and never skips a file: it collects
 every error in every file and either returns a whole Policy or raises

@@ -17,14 +17,17 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 VERSION = "v1"
+MAX_DEPTH = 32  # an allowlist nests five levels deep; the composer recurses once per level, so bound it
 Fields = dict[str, tuple[Node, Node]]
 NONE: Mapping[str, str] = MappingProxyType({})
 _T = TypeVar("_T")
+_NULL_TAG = "tag:yaml.org,2002:null"
 
 _YAML_HINTS = {
     "aliases are not allowed": " (write the value out in full where it applies)",
     "alias": ' (a value starting with "*" must be quoted: host: "*.example.com")',
     "single document": " (one document per file: remove the second '---')",
+    "nested more than": " (an allowlist file nests five levels at most)",
 }
 
 
@@ -68,13 +71,23 @@ def yaml_files(directory: Path, what: str, fix: str, ignored: frozenset[str] = f
 
 
 class _Loader(yaml.SafeLoader):
-    """The safe loader, refusing aliases: a reviewer must see every value where it applies."""
+    """The safe loader, refusing aliases (a reviewer must see every value where it applies) and values nested more
+    than MAX_DEPTH deep (each level is a recursive call: thousands of ``[`` would raise RecursionError)."""
+
+    _depth = 0
 
     def compose_node(self, parent: Node | None, index: int) -> Node | None:
         if self.check_event(yaml.AliasEvent):
             mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
             raise yaml.composer.ComposerError(None, None, "found an alias, and aliases are not allowed", mark)
-        return super().compose_node(parent, index)
+        if self._depth >= MAX_DEPTH:
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(None, None, f"found values nested more than {MAX_DEPTH} deep", mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 class File:
@@ -92,10 +105,15 @@ class File:
             self.errors.append(LoadError(self.path, mark.line + 1, message, mark.column + 1))
 
     def scalar(self, node: Node, what: str) -> str | None:
+        """The text of a scalar; a plain ``null``/``Null``/``NULL`` is no value, as every other YAML reader (and a
+        reviewer) takes it, not the text "null"."""
         if not isinstance(node, ScalarNode):
             self.error(node, f"{what} must be a single value, not a list or mapping")
         elif not node.value:
             self.error(node, f"{what} is empty; give it a value")
+        elif node.tag == _NULL_TAG and node.style is None:
+            self.error(node, f"{what} is {node.value}, which YAML reads as no value; give it a value "
+                             f'(quote it, "{node.value}", if you mean that text)')
         else:
             return str(node.value)
         return None
