@@ -224,22 +224,15 @@ def whole_lines(data: bytes) -> list[dict]:
     return records
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs in a private mount namespace needs root")
-def test_full_file_system_refuses_new_connections_loses_no_record_and_recovers(lab, launch, tmp_path):
-    """With the audit file on a full file system egressd refuses new connections (503 audit_unavailable, /readyz
-    503, errors counted), and once space is freed serves again by itself with every record written whole, once."""
-    mount = tmp_path / "fs"
-    mount.mkdir()
-    prefix = [
-        "unshare", "--mount", "--propagation", "private", "--",
-        "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0" && exec "$@"', str(mount),
-    ]
-    proxy = launch(audit_path=mount / "audit.jsonl", prefix=prefix, stdout=subprocess.DEVNULL)
-    inside = Path(f"/proc/{proxy.proc.pid}/root") / mount.relative_to("/")  # the tmpfs, seen from here
-    audit_file = inside / "audit.jsonl"
-    assert tunnel(proxy, lab).startswith(b"HTTP/1.1 200")
-    wait_for(lambda: audit_file.stat().st_size > 0, what="the first record")
-    filler = os.open(inside / "filler", os.O_WRONLY | os.O_CREAT, 0o600)  # unbuffered: nothing left to flush
+def tmpfs_prefix(mount: Path) -> list[str]:
+    """A command prefix that runs the proxy in a private mount namespace with a 64 KiB tmpfs on ``mount``."""
+    return ["unshare", "--mount", "--propagation", "private", "--",
+            "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0" && exec "$@"', str(mount)]
+
+
+def fill(directory: Path) -> None:
+    """Fill the file system of ``directory`` to the last byte with a file named filler (ENOSPC)."""
+    filler = os.open(directory / "filler", os.O_WRONLY | os.O_CREAT, 0o600)  # unbuffered: nothing left to flush
     try:
         while True:
             os.write(filler, b"\0" * 4096)
@@ -247,6 +240,21 @@ def test_full_file_system_refuses_new_connections_loses_no_record_and_recovers(l
         assert exc.errno == errno.ENOSPC
     finally:
         os.close(filler)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs in a private mount namespace needs root")
+def test_full_file_system_refuses_new_connections_loses_no_record_and_recovers(lab, launch, tmp_path):
+    """With the audit file on a full file system egressd refuses new connections (503 audit_unavailable, /readyz
+    503, errors counted), and once space is freed serves again by itself with every record written whole, once."""
+    mount = tmp_path / "fs"
+    mount.mkdir()
+    prefix = tmpfs_prefix(mount)
+    proxy = launch(audit_path=mount / "audit.jsonl", prefix=prefix, stdout=subprocess.DEVNULL)
+    inside = Path(f"/proc/{proxy.proc.pid}/root") / mount.relative_to("/")  # the tmpfs, seen from here
+    audit_file = inside / "audit.jsonl"
+    assert tunnel(proxy, lab).startswith(b"HTTP/1.1 200")
+    wait_for(lambda: audit_file.stat().st_size > 0, what="the first record")
+    fill(inside)
     admitted = 1 + until_refused(lambda: tunnel(proxy, lab), b"HTTP/1.1 200")
     assert_refusing(proxy, "No space left on device")
     assert proxy.metric("egressd_audit_write_errors_total") > 0
@@ -329,23 +337,13 @@ def test_full_file_system_makes_the_dns_filter_answer_servfail_until_records_can
     itself when it can write."""
     mount = tmp_path / "fs"
     mount.mkdir()
-    prefix = [
-        "unshare", "--mount", "--propagation", "private", "--",
-        "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0" && exec "$@"', str(mount),
-    ]
+    prefix = tmpfs_prefix(mount)
     proxy = launch("--dns-listen", "127.0.0.1:0", audit_path=mount / "audit.jsonl", prefix=prefix,
                    stdout=subprocess.DEVNULL)
     inside = Path(f"/proc/{proxy.proc.pid}/root") / mount.relative_to("/")
     assert dns_rcode(proxy) == "NOERROR"
     wait_for(lambda: (inside / "audit.jsonl").stat().st_size > 0, what="the first record")
-    filler = os.open(inside / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(filler, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(filler)
+    fill(inside)
     until_refused(lambda: tunnel(proxy, lab), b"HTTP/1.1 200")  # the writer has met the full disk
     assert dns_rcode(proxy) == "SERVFAIL"
     assert proxy.metric("egressd_dns_queries_total", service="svc", decision="deny", reason="audit_unavailable") >= 1
