@@ -176,13 +176,9 @@ def soak(world: World, p: Params) -> dict[str, Any]:
 RUNS = {"idle": idle, "churn": churn, "soak": soak}
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, cli._on_sigterm)
     isolated = os.environ.get("BENCH_NETNS") == "1"
     run_dir = runner.make_run_dir(isolated)
     results: dict[str, dict[str, Any]] = {}

@@ -171,13 +171,9 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, cli._on_sigterm)
     p = Params.quick() if args.quick else Params.full()
     run_dir = runner.make_run_dir(False)
     session = runner.Session(args, run_dir)
