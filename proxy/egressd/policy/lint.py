@@ -41,8 +41,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from egressd.policy import suffixes
 from egressd.policy.match import covers
 from egressd.policy.model import Policy, Rule
+from egressd.policy.suffixes import WILDCARDS
 
 if TYPE_CHECKING:
     from publicsuffixlist import PublicSuffixList
@@ -60,7 +62,6 @@ CODES = (ANY_LABELS, UNUSUAL_PORT, REDUNDANT, DENIED, PARTLY_DENIED, WIDE_CIDR, 
 
 USUAL_PORTS = frozenset({80, 443})
 WIDEST_PREFIX = {4: 24, 6: 48}
-WILDCARDS = frozenset({"*", "**"})
 # Stands for a wildcard label when asking the Public Suffix List: no rule of the list names it, and it is no
 # canonical label (a DNS label never starts with "-"), so it cannot be confused with a pattern's own label.
 _PLACEHOLDER = "-"
@@ -212,7 +213,7 @@ def private_suffixes(pattern: str) -> tuple[str, ...]:
     has in that place. A pattern that is itself a suffix (``github.io`` as an exact name) lies under none.
     Wildcard labels inside a returned suffix are shown as ``*``; the shortest suffixes come first.
     """
-    full, icann = _lists()
+    full, icann = suffixes.public_suffixes(), _icann()
     labels = pattern.split(".")
     choices = [_fills(labels, index) if label in WILDCARDS else (label,) for index, label in enumerate(labels)]
     found: set[str] = set()
@@ -245,11 +246,11 @@ def _fits(rule: tuple[str, ...], labels: list[str]) -> bool:
 
 
 @functools.cache
-def _lists() -> tuple[PublicSuffixList, PublicSuffixList]:
-    """The bundled Public Suffix List whole, and its ICANN section alone: a suffix only the first has is private."""
+def _icann() -> PublicSuffixList:
+    """The bundled list's ICANN section alone: a suffix only the whole list (the loader's) has is private."""
     from publicsuffixlist import PublicSuffixList
 
-    return PublicSuffixList(), PublicSuffixList(only_icann=True)
+    return PublicSuffixList(only_icann=True)
 
 
 @functools.cache
