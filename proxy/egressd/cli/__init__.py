@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from egressd.cli import audit, iptables, policy, policytest, review, run, suggest, sync, webhook
@@ -55,27 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Each subcommand that only needs its parsed arguments; run, sidecar and demo are dispatched in main().
+_HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "validate": policy.cmd_validate, "check": policy.cmd_check, "diff": review.cmd, "test": policytest.cmd,
+    "suggest": suggest.cmd, "audit": audit.cmd, "init-iptables": iptables.cmd_init, "inject-webhook": webhook.cmd,
+    "allowlist-sync": sync.cmd,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "validate":
-            return policy.cmd_validate(args)
-        if args.command == "check":
-            return policy.cmd_check(args)
-        if args.command == "diff":
-            return review.cmd(args)
-        if args.command == "test":
-            return policytest.cmd(args)
-        if args.command == "suggest":
-            return suggest.cmd(args)
-        if args.command == "audit":
-            return audit.cmd(args)
-        if args.command == "init-iptables":
-            return iptables.cmd_init(args)
-        if args.command == "inject-webhook":
-            return webhook.cmd(args)
-        if args.command == "allowlist-sync":
-            return sync.cmd(args)
+        handler = _HANDLERS.get(args.command)
+        if handler is not None:
+            return handler(args)
         if args.command == "demo" and args.sidecar:
             from egressd import demo_sidecar
 
