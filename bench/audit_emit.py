@@ -38,7 +38,7 @@ def _log(kind: str, path: str):
 
 def measure(kind: str) -> float | None:
     """Microseconds of the emitting thread's CPU per record (best round), or None when the tree cannot."""
-    from egressd.audit import Record
+    from egressd.records import Record
 
     best = None
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,9 +8,10 @@ import os
 import re
 import select
 
-from egressd import audit
-from egressd.audit import AuditLog, Record
+from egressd import records as audit
+from egressd.audit import AuditLog
 from egressd.auditwriter import AuditWriter
+from egressd.records import Record
 
 
 def make_record(conn_id: str = "c1") -> Record:
@@ -37,7 +38,7 @@ def test_record_is_emitted_once(tmp_path):
 
 def test_every_field_name_is_a_module_constant():
     """The keys of the connection, DNS, gap and checkpoint records are exactly the public constants of
-    egressd.audit."""
+    egressd.records."""
     constants = {
         v for k, v in vars(audit).items()
         if k.isupper() and not k.startswith("_") and isinstance(v, str) and not k.endswith("_EVENT")

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.rsa import generate_private_key
 
-from egressd import audit
+from egressd import records as audit
 from egressd.audit import AuditLog
 from egressd.auditchain import (
     WORKER_ENV,

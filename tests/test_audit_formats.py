@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from egressd import audit
+from egressd import records as audit
 from egressd.auditchain import Chain, Line, verify
 from egressd.auditformats import ECS, FORMATS, NATIVE, OCSF, detect, epoch_ms
 from egressd.cli import build_parser, run

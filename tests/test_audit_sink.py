@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 
 from conftest import Lab, service_yaml
-from egressd import audit
-from egressd.audit import AuditLog, Record
+from egressd import records as audit
+from egressd.audit import CLOSE_TIMEOUT, AuditLog
 from egressd.auditwriter import AuditWriter
 from egressd.metrics import Metrics
+from egressd.records import Record
 from harness import DEADLINE, ProxyProcess, connect_tunnel, http_get, raw_request, wait_for, write_allowlists
 
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
@@ -312,8 +313,8 @@ def test_sigterm_ends_the_proxy_promptly_while_stdout_is_stalled(lab, launch):
         assert http_get(proxy.admin, "/healthz")[0] == 200
         started = time.monotonic()
         proxy.proc.terminate()
-        assert proxy.proc.wait(timeout=audit.CLOSE_TIMEOUT + 5) == 1
-        assert time.monotonic() - started < audit.CLOSE_TIMEOUT + 3
+        assert proxy.proc.wait(timeout=CLOSE_TIMEOUT + 5) == 1
+        assert time.monotonic() - started < CLOSE_TIMEOUT + 3
         assert proxy.wait_log("audit.unwritten")["records"] == 1
     finally:
         os.close(read_end)

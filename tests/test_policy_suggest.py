@@ -23,7 +23,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import service_yaml
-from egressd.audit import EVENT, DnsRecord, Record
 from egressd.cli import main
 from egressd.cli import suggest as cli_suggest
 from egressd.cli.suggest import SuggestError, add_to_kustomization, edit_existing
@@ -32,6 +31,7 @@ from egressd.policy.decide import decide
 from egressd.policy.loader import load_policy
 from egressd.policy.model import Mode
 from egressd.policy.suggest import propose, read_records, render_new, verify
+from egressd.records import EVENT, DnsRecord, Record
 from harness import connect_tunnel
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -58,7 +58,8 @@ relay
     On TLS ports the SNI must equal the CONNECT host first; then
     :func:`egressd.relay.splice` pumps bytes with back-pressure and counters.
 audit + metrics
-    :meth:`egressd.connection.Engine.close` writes one record through
+    :meth:`egressd.connection.Engine.close` writes one record (the types and
+    field names of :mod:`egressd.records`) through
     :class:`egressd.audit.AuditLog` and counts :mod:`egressd.metrics`, exactly
     once per connection, whatever path it took; the lines are written by the
     thread of :mod:`egressd.auditwriter`, so the event loop never waits on the

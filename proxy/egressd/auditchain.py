@@ -33,7 +33,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from egressd import audit
+from egressd import records as audit
 from egressd.auditformats import NATIVE, Layout, canonical
 
 CHECKPOINT_RECORDS = 1000  # default --audit-checkpoint-records

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 
-from egressd import audit
+from egressd import records as audit
 from egressd.hostport import join_host_port
 
 ECS_VERSION = "8.11.0"

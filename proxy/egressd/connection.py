@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from egressd.audit import AuditLog, Record
+from egressd.audit import AuditLog
 from egressd.config import Config
 from egressd.errors import ClientGone, Denied, ProxyError, UpstreamFailure, UpstreamTimeout
 from egressd.hostport import Destination, IPAddress, ip_text, join_host_port
@@ -28,6 +28,7 @@ from egressd.identity.identify import Identifier
 from egressd.metrics import Metrics
 from egressd.policy.decide import decide
 from egressd.policy.model import Decision, IPNetwork, Policy, Reason
+from egressd.records import Record
 from egressd.relay import IdleSweeper, Side, splice
 from egressd.resolve import Resolver
 

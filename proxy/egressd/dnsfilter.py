@@ -48,12 +48,12 @@ import dns.rcode
 import dns.rdatatype
 import structlog
 
-from egressd.audit import DnsRecord
 from egressd.config import ConfigError, system_resolvers
 from egressd.connection import Engine
 from egressd.hostport import BadDestination, join_host_port, normalize_host
 from egressd.policy.decide import decide_name, passthrough_suffix
 from egressd.policy.model import Decision, Reason, Verdict
+from egressd.records import DnsRecord
 from egressd.sniff.dns import (
     MAX_MESSAGE,
     Answer,

@@ -20,9 +20,9 @@ import structlog
 from egressd.relay import Side
 
 if TYPE_CHECKING:
-    from egressd.audit import Record
     from egressd.connection import Client, Engine
     from egressd.errors import ProxyError
+    from egressd.records import Record
 
 log = structlog.get_logger("egressd.listeners")
 

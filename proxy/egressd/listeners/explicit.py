@@ -28,13 +28,13 @@ import asyncio
 
 import structlog
 
-from egressd.audit import Record
 from egressd.connection import Client, Engine
 from egressd.errors import Denied, ProxyError
 from egressd.hostport import BadDestination, Destination, normalize_host, quoted
 from egressd.listeners import Accepted, recorded_sni
 from egressd.listeners.requests import error_response, serve_requests
 from egressd.policy.model import Reason
+from egressd.records import Record
 from egressd.relay import Side
 from egressd.sniff.target import Target, parse_target
 from egressd.sniff.tls import HelloStatus, parse_client_hello

@@ -34,11 +34,11 @@ from __future__ import annotations
 
 import asyncio
 
-from egressd.audit import Record
 from egressd.connection import Engine
 from egressd.errors import BadRequest, ClientGone, UpstreamFailure, UpstreamTimeout
 from egressd.hostport import IPAddress
 from egressd.listeners.httpio import CLOSED, LAST_CHUNK, chunk, next_event, serialize
+from egressd.records import Record
 from egressd.relay import Side
 from egressd.sniff.http import NO_BODY_STATUSES, Head, RequestParser, ResponseParser, forward_headers
 from egressd.sniff.target import Target

@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 
 import structlog
 
-from egressd.audit import Record
 from egressd.connection import Client, Engine
 from egressd.errors import BadRequest, ProxyError
 from egressd.hostport import IPAddress
@@ -26,6 +25,7 @@ from egressd.listeners import internal_error
 from egressd.listeners.forward import DONE, SPLICED, Forwarder
 from egressd.listeners.httpio import CLOSED, next_event, whole_response
 from egressd.policy.model import Reason
+from egressd.records import Record
 from egressd.relay import Side
 from egressd.sniff.http import Head, RequestParser
 from egressd.sniff.target import Target

@@ -54,7 +54,6 @@ import struct
 
 import structlog
 
-from egressd.audit import Record
 from egressd.connection import Client, Engine
 from egressd.errors import BadRequest, Denied, ProxyError
 from egressd.hostport import BadDestination, Destination, IPAddress, ip_text, join_host_port, parse_authority
@@ -62,6 +61,7 @@ from egressd.listeners import Accepted, internal_error, recorded_sni
 from egressd.listeners.requests import serve_requests
 from egressd.policy.decide import decide
 from egressd.policy.model import Decision, Reason
+from egressd.records import Record
 from egressd.relay import Side
 from egressd.sniff.first import First, classify
 from egressd.sniff.target import parse_origin_target

@@ -32,7 +32,7 @@ from types import MappingProxyType
 
 import orjson
 
-from egressd import audit
+from egressd import records as audit
 from egressd.hostport import BadDestination, Destination, normalize_host, parse_ip
 from egressd.policy.decide import decide, decide_name
 from egressd.policy.loader import SERVICE_NAME
