@@ -44,6 +44,14 @@ DNS_UPSTREAM_SECONDS = ("dns_upstream_seconds", "Time the DNS filter waited for 
 IDENTITY = ("identity_total", "Identify steps by source and result.", ("source", "result"))
 JWKS_REFRESH = ("jwks_refresh_total", "Loads of the JWKS that verifies tokens, by result.", ("result",))
 DNS_CACHE = ("dns_cache_lookups_total", "Resolver cache lookups by result.", ("result",))
+# limit: the flag that set it, without dashes (egressd.limits.LIMITS): max_connections, max_pending_heads, ...
+LIMIT_HITS = (
+    "limit_hits_total", "Times a limit refused a client, dropped addresses or closed a connection.", ("limit",)
+)
+INSPECTED = (
+    "inspected_requests_total", "Requests decided inside inspected TLS tunnels, by outcome.",
+    ("service", "decision", "reason"),
+)
 AUDIT_ERRORS = ("audit_write_errors_total", "Failed writes of audit records (every retry counts).", ())
 AUDIT_PENDING = ("audit_pending_records", "Audit records emitted and not written yet.", ())
 AUDIT_AVAILABLE = (
@@ -91,6 +99,8 @@ class Metrics:
         self.jwks_refresh: defaultdict[str, int] = defaultdict(int)  # result: success, error
         self.reloads: defaultdict[str, int] = defaultdict(int, success=0, error=0)
         self.dns_cache: defaultdict[str, int] = defaultdict(int)
+        self.limit_hits: defaultdict[str, int] = defaultdict(int)  # limit name -> times it acted
+        self.inspected: defaultdict[tuple[str, str, str], int] = defaultdict(int)  # (service, decision, reason)
         self.loaded_at = 0.0
         self.version: str | None = None  # of the policy in force
         self.last_reload_ok = 0
@@ -111,7 +121,10 @@ class Metrics:
         if down:
             self.bytes[(service, "down")] += down
 
-    _SUMMED = ("connections", "denials", "active", "bytes", "dns_cache", "dns_queries", "identity", "jwks_refresh")
+    _SUMMED = (
+        "connections", "denials", "active", "bytes", "dns_cache", "dns_queries", "identity", "jwks_refresh",
+        "limit_hits", "inspected",
+    )
     _HISTOGRAMS = ("dns_seconds", "connect_seconds", "dns_upstream_seconds")
 
     def snapshot(self) -> dict:
@@ -191,6 +204,8 @@ class Collector:
         yield _counter(DNS_QUERIES, m.dns_queries)
         yield _counter(IDENTITY, m.identity)
         yield _counter(JWKS_REFRESH, {(k,): v for k, v in m.jwks_refresh.items()})
+        yield _counter(LIMIT_HITS, {(k,): v for k, v in m.limit_hits.items()})
+        yield _counter(INSPECTED, m.inspected)
         yield GaugeMetricFamily(PREFIX + LOADED_AT[0], LOADED_AT[1], value=m.loaded_at)
         info = GaugeMetricFamily(PREFIX + POLICY_INFO[0], POLICY_INFO[1], labels=POLICY_INFO[2])
         if m.version is not None:
