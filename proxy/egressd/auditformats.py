@@ -251,6 +251,7 @@ _ECS_POLICY = (
     at(audit.SERVICE, "service.origin.name"), at(audit.CLIENT, "source.address"),
     at(audit.DECISION, "event.outcome", _OUTCOME.get, _DECISION.get), at(audit.REASON, "event.reason"),
     at(audit.DETAIL, "message"), at(audit.RULE, "rule.id"), at(audit.POLICY_VERSION, "rule.version"),
+    at(audit.LIMIT, "egressd.limit"),
 )
 ECS = Mapped("ecs", ("egressd",), _ECS_COMMON, lambda f: {
     "ecs.version": ECS_VERSION, "event.kind": "event", "event.dataset": "egressd.audit", "observer.type": "proxy",
@@ -341,7 +342,6 @@ def _ocsf_gap(fields: Fields) -> Fields:
 def _ocsf_host(host: str) -> Fields:
     return {"ip": host} if is_ip(host) else {"hostname": host}
 
-
 _OCSF_COMMON = (
     at(audit.TS, "time_dt"), at(audit.EVENT, "metadata.event_code"), at(audit.SEQ, "metadata.sequence"),
     at(audit.STREAM, "unmapped.stream"), at(audit.CHAIN, "unmapped.chain"),
@@ -350,7 +350,7 @@ _OCSF_POLICY = (
     at(audit.CLIENT, "src_endpoint", _endpoint, _joined), at(audit.SERVICE, "src_endpoint.svc_name"),
     at(audit.DECISION, "action_id", {"allow": 1, "deny": 2}.get, {1: "allow", 2: "deny"}.get),
     at(audit.REASON, "status_code"), at(audit.DETAIL, "message"), at(audit.RULE, "firewall_rule.uid"),
-    at(audit.POLICY_VERSION, "firewall_rule.version"),
+    at(audit.POLICY_VERSION, "firewall_rule.version"), at(audit.LIMIT, "unmapped.limit"),
 )
 OCSF = Mapped("ocsf", ("unmapped",), _OCSF_COMMON, lambda f: {
     "metadata.version": OCSF_VERSION, "metadata.product.name": PRODUCT, "metadata.product.vendor_name": PRODUCT,

@@ -40,6 +40,7 @@ ORIGINAL_DST = "original_dst"  # transparent: the address the client dialled (ip
 ORIGINAL_DST_IN_ANSWER = "original_dst_in_answer"  # ... and whether egressd's own answer for the name held it
 ECH = "ech"  # the ClientHello carried encrypted_client_hello (decided on its outer SNI)
 IDENTITY = "identity"  # who the identify step found ({"source": "token", "namespace": ...}); null when fixed
+LIMIT = "limit"  # the limit that refused (reason overloaded) or trimmed it, egressd.limits' name for its flag; or null
 
 CONNECTION_EVENT = "egress.connection"
 
@@ -97,7 +98,7 @@ class Record:
         "conn_id", "started", "service", "client", "listener", "protocol", "host", "port", "sni",
         "decision", "would_deny", "reason", "detail", "rule", "policy_version", "resolved", "upstream",
         "bytes_up", "bytes_down", "duration_ms", "dns_ms", "connect_ms", "request", "status",
-        "original_dst", "original_dst_in_answer", "ech", "identity", "emitted",
+        "original_dst", "original_dst_in_answer", "ech", "identity", "limit", "emitted",
     )
 
     event = CONNECTION_EVENT
@@ -131,6 +132,7 @@ class Record:
         self.original_dst_in_answer: bool | None = None
         self.ech: bool | None = None
         self.identity: dict[str, Any] | None = None
+        self.limit: str | None = None
         self.emitted = False
 
     def note(self, text: str) -> None:
@@ -167,6 +169,7 @@ class Record:
             ORIGINAL_DST_IN_ANSWER: self.original_dst_in_answer,
             ECH: self.ech,
             IDENTITY: self.identity,
+            LIMIT: self.limit,
         }
 
 
@@ -175,7 +178,7 @@ class DnsRecord:
 
     __slots__ = (
         "started", "service", "client", "qname", "qtype", "rcode", "answers", "decision", "reason", "detail",
-        "rule", "policy_version", "upstream_ms", "emitted",
+        "rule", "policy_version", "upstream_ms", "limit", "emitted",
     )
 
     event = DNS_EVENT
@@ -194,6 +197,7 @@ class DnsRecord:
         self.rule: str | None = None
         self.policy_version: str | None = None
         self.upstream_ms: float | None = None
+        self.limit: str | None = None
         self.emitted = False
 
     def fields(self) -> dict[str, Any]:
@@ -211,4 +215,5 @@ class DnsRecord:
             RULE: self.rule,
             POLICY_VERSION: self.policy_version,
             UPSTREAM_MS: None if self.upstream_ms is None else round(self.upstream_ms, 3),
+            LIMIT: self.limit,
         }
