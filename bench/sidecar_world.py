@@ -155,7 +155,8 @@ def start_egressd(world: World, tag: str, cpus: str | None, *, tunnels: bool) ->
         cmd += ["--listen", f"127.0.0.1:{scenario.EGRESSD_PORT}",
                 "--transparent-listen", f"127.0.0.1:{TRANSPARENT_PORT}"]
     else:
-        cmd += ["--listen", "off", "--dns-listen", f"127.0.0.1:{DNS_PORT}"]
+        # the load generator is one client address: its rate limit would measure the limit, not the filter
+        cmd += ["--listen", "off", "--dns-listen", f"127.0.0.1:{DNS_PORT}", "--dns-max-qps-per-client", "1000000"]
     proc = Proc(f"egressd-{tag}", world.in_pod(cmd), log, cpus=cpus)
     started = Started("egressd", proc, ("127.0.0.1", scenario.EGRESSD_PORT), [log], audit)
     try:

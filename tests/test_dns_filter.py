@@ -40,7 +40,7 @@ ZONE = {
 GLOBAL = "version: v1\nglobal: true\ndeny:\n  - host: paste.dnsf.test\n"
 DNS_FIELDS = {
     "event", "ts", "service", "client", "qname", "qtype", "rcode", "answers", "decision", "reason", "detail", "rule",
-    "policy_version", "upstream_ms", "stream", "seq", "chain",
+    "policy_version", "upstream_ms", "limit", "stream", "seq", "chain",
 }
 DNS_ONLY = ("--listen", "127.0.0.1:0", "--dns-listen", "127.0.0.1:0", "--dns-passthrough", "cluster.local")
 
@@ -415,7 +415,7 @@ def test_shutdown_records_the_queries_still_waiting_upstream(lab, upstream, star
 
 
 # -- TCP limits, with the proxy in this process (the limits are module constants) ----------------------------------
-async def _serving(lab, tmp_path, monkeypatch, **limits):
+async def _serving(lab, tmp_path, monkeypatch, dns_max_tcp_connections: int = 256, **limits):
     """egressd's Proxy on this loop with only a DNS listener, the listener's limits lowered as given."""
     from egressd.app import Proxy
     from egressd.config import Config
@@ -430,6 +430,7 @@ async def _serving(lab, tmp_path, monkeypatch, **limits):
     config = Config(
         allowlists=directory, service="svc", listen=None, admin_listen=None, dns_listen=(("127.0.0.1", 0),),
         resolvers=(lab.dns.address,), audit_log=str(tmp_path / "audit.jsonl"), reload_interval=0,
+        dns_max_tcp_connections=dns_max_tcp_connections,
     )
     proxy = Proxy(config)
     await proxy.start()
@@ -471,29 +472,26 @@ def test_tcp_connections_are_closed_when_idle(lab, tmp_path, monkeypatch):
     asyncio.run(go())
 
 
-def test_tcp_connections_past_the_cap_are_closed_and_room_comes_back(lab, tmp_path, monkeypatch):
-    """Past MAX_TCP_CONNECTIONS a new connection is closed at once; when one closes, a new one is served."""
+def test_tcp_connections_past_the_cap_close_the_idlest_of_the_client_with_the_most(lab, tmp_path, monkeypatch):
+    """Past --dns-max-tcp-connections a new connection is served, and the idlest connection of the client holding
+    the most is closed: a client that holds connections open pushes out its own, never another client's."""
 
     async def go():
-        proxy, address = await _serving(lab, tmp_path, monkeypatch, MAX_TCP_CONNECTIONS=2)
+        proxy, address = await _serving(lab, tmp_path, monkeypatch, dns_max_tcp_connections=3)
         try:
-            first, second = [await asyncio.open_connection(*address) for _ in range(2)]
-            for client in (first, second):
+            other = await asyncio.open_connection(*address, local_addr=("127.0.0.2", 0))
+            assert (await _tcp_query(*other, "evil.dnsf.test")).rcode() == dns.rcode.NXDOMAIN
+            held = []
+            for _ in range(2):
+                held.append(await asyncio.open_connection(*address))
+                assert (await _tcp_query(*held[-1], "evil.dnsf.test")).rcode() == dns.rcode.NXDOMAIN
+            newest = await asyncio.open_connection(*address)  # the fourth: the oldest of 127.0.0.1's two goes
+            assert (await _tcp_query(*newest, "evil.dnsf.test")).rcode() == dns.rcode.NXDOMAIN
+            assert await _closed_by_server(held[0][0])
+            for client in (other, held[1], newest):  # still served
                 assert (await _tcp_query(*client, "evil.dnsf.test")).rcode() == dns.rcode.NXDOMAIN
-            third = await asyncio.open_connection(*address)
-            assert await _closed_by_server(third[0])
-            first[1].close()
-            async with asyncio.timeout(5):
-                while True:  # the server sees the close a moment later
-                    fourth = await asyncio.open_connection(*address)
-                    try:
-                        answer = await _tcp_query(*fourth, "evil.dnsf.test")
-                        break
-                    except (asyncio.IncompleteReadError, ConnectionResetError):
-                        fourth[1].close()
-                        await asyncio.sleep(0.01)
-            assert answer.rcode() == dns.rcode.NXDOMAIN
-            for client in (second, third, fourth):
+            assert proxy.metrics.limit_hits["dns_max_tcp_connections"] == 1
+            for client in (other, *held, newest):
                 client[1].close()
         finally:
             await proxy.stop()

@@ -10,7 +10,8 @@ listener
     lets :meth:`egressd.connection.Engine.admit` refuse it (503: connection
     caps, per client IP, the file-descriptor room of :mod:`egressd.fdlimit`,
     an audit log that cannot be written) and reads the request heads with
-    llhttp in the loop of :mod:`egressd.listeners.requests` (CONNECT
+    llhttp in the loop of :mod:`egressd.listeners.requests`, each head holding
+    a slot of :mod:`egressd.limits` (which names every limit) while it arrives (CONNECT
     host:port, or an absolute-form URL, whose requests
     :mod:`egressd.listeners.forward` handles one by one, a WebSocket upgrade
     becoming a tunnel). In a pod, :mod:`egressd.listeners.transparent` takes

@@ -67,7 +67,10 @@ class Proxy:
         self.holder = PolicyHolder(load_for(config.allowlists, config.service))
         self.metrics.policy_loaded(ok=True, version=self.holder.current.version)
         resolvers = config.resolvers or system_resolvers()
-        self.resolver = Resolver(resolvers, config.dns_timeout, config.dns_min_ttl, config.dns_max_ttl, self.metrics)
+        self.resolver = Resolver(
+            resolvers, config.dns_timeout, config.dns_min_ttl, config.dns_max_ttl, self.metrics,
+            max_pending=config.max_pending_lookups, max_addresses=config.max_addresses_per_name,
+        )
         self.audit = audit or open_audit(config)
         self.metrics.audit_source = self.audit.state
         self.unwritten = 0  # audit records shutdown could not write

@@ -55,6 +55,11 @@ class Config:
     max_header_bytes: int = 16384
     max_connections: int = 4096
     max_connections_per_client: int = 256
+    max_pending_heads: int = 1024  # heads (request head, ClientHello) arriving at once; see egressd.limits
+    max_pending_lookups: int = 1024  # names being looked up at once
+    max_addresses_per_name: int = 50  # addresses kept of one name's answers (Cilium keeps 50 too)
+    dns_max_qps_per_client: float = 2000.0  # queries a second one client may send the DNS filter
+    dns_max_tcp_connections: int = 256  # TCP connections to the DNS filter at once
     dns_min_ttl: float = 5.0
     dns_max_ttl: float = 300.0
     reload_interval: float = 2.0
@@ -83,8 +88,11 @@ class Config:
             self._check_identity()
         if self.dns_audit not in ("all", "denied"):
             raise ConfigError("--dns-audit must be 'all' or 'denied'")
-        if self.max_connections < 1 or self.max_connections_per_client < 1:
-            raise ConfigError("--max-connections and --max-connections-per-client must be at least 1")
+        limits = ("max_connections", "max_connections_per_client", "max_pending_heads", "max_pending_lookups",
+                  "max_addresses_per_name", "dns_max_qps_per_client", "dns_max_tcp_connections")
+        for name in limits:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; every limit is always on")
         if not 0 <= self.dns_min_ttl <= self.dns_max_ttl:
             raise ConfigError("--dns-min-ttl must be between 0 and --dns-max-ttl")
         if self.audit_checkpoint_records < 1 or self.audit_checkpoint_seconds <= 0:

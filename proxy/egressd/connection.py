@@ -25,6 +25,7 @@ from egressd.config import Config
 from egressd.errors import ClientGone, Denied, ProxyError, UpstreamFailure, UpstreamTimeout
 from egressd.hostport import Destination, IPAddress, ip_text, join_host_port
 from egressd.identity.identify import Identifier
+from egressd.limits import MAX_ADDRESSES_PER_NAME, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT, HeadSlots, LimitExceeded
 from egressd.metrics import Metrics
 from egressd.policy.decide import decide
 from egressd.policy.model import Decision, IPNetwork, Policy, Reason
@@ -119,6 +120,7 @@ class Engine:
         self.clients: set[Side] = set()
         self.per_client: dict[str, int] = {}  # open client connections by client IP
         self.capacity = config.max_connections  # lowered to what the file-descriptor limit allows, see fdlimit
+        self.heads = HeadSlots(config.max_pending_heads)  # heads arriving: listeners read them through it
         self.tunnels: dict[Side, Record] = {}  # spliced tunnels by client side: no task holds them
         self._idle: asyncio.Future[None] | None = None
         self._ids = itertools.count(1)
@@ -168,14 +170,11 @@ class Engine:
             return refused
         cfg = self.config
         if len(self.clients) >= self.capacity:
-            limit = "--max-connections" if self.capacity == cfg.max_connections else "file-descriptor"
-            return ProxyError(Reason.OVERLOADED, f"{len(self.clients)} connections are open, the {limit} limit", 503)
+            fds = "" if self.capacity == cfg.max_connections else ", as many as the file-descriptor limit allows"
+            return LimitExceeded(MAX_CONNECTIONS, f"{len(self.clients)} connections are open{fds}")
         if self.per_client.get(who.ip, 0) >= cfg.max_connections_per_client:
-            return ProxyError(
-                Reason.OVERLOADED,
-                f"{self.per_client[who.ip]} connections are open from {who.ip}, the --max-connections-per-client limit",
-                503,
-            )
+            return LimitExceeded(MAX_CONNECTIONS_PER_CLIENT, f"{self.per_client[who.ip]} connections are open from "
+                                 f"{who.ip}")
         return None
 
     def open(self, who: Client, listener: str, follows: Record | None = None) -> Record:
@@ -196,6 +195,8 @@ class Engine:
         if rec.emitted:
             return
         rec.duration_ms = (time.time() - rec.started) * 1000
+        if rec.limit is not None:
+            self.metrics.limit_hits[rec.limit] += 1
         self.metrics.connection_done(
             rec.service or "-", rec.listener, rec.decision, rec.reason, rec.bytes_up, rec.bytes_down
         )
@@ -206,6 +207,8 @@ class Engine:
         """Put exc in the record. Before any byte went upstream it is a denial; after, the request was allowed
         and stays so: the record says how it ended (the failure's reason, or ``allowed`` when the client left)."""
         rec.note(str(exc))
+        if isinstance(exc, LimitExceeded):
+            rec.limit = exc.limit
         if rec.decision == "allow" and rec.bytes_up:
             if not isinstance(exc, ClientGone):
                 rec.reason = exc.reason.value
@@ -243,6 +246,10 @@ class Engine:
         pinned = await self.resolver.pin(dest, self._allow_cidrs())
         rec.resolved = [ip_text(ip) for ip in pinned.resolved]
         rec.dns_ms = pinned.dns_ms
+        if pinned.dropped:
+            rec.limit = MAX_ADDRESSES_PER_NAME
+            rec.note(f"{dest.host} has {len(pinned.resolved) + pinned.dropped} addresses; the first "
+                     f"{len(pinned.resolved)} were kept (--max-addresses-per-name)")
         candidates = pinned.candidates
         if original is not None:
             rec.original_dst_in_answer = original in pinned.resolved

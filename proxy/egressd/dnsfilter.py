@@ -31,9 +31,14 @@ each resolver in turn (``--resolver``, else resolv.conf as read at
 start) over UDP with ``--dns-timeout`` for each, again over TCP when the UDP
 answer is truncated; the first NOERROR or NXDOMAIN answer is the answer.
 Timeouts, unreachable resolvers and other rcodes from all of them give the
-client SERVFAIL (``dns_failure``). At most MAX_INFLIGHT queries wait upstream;
-past that a query is answered SERVFAIL at once. Concurrent misses of one name
-are not merged: each asks upstream (the cache absorbs the repeats).
+client SERVFAIL (``dns_failure``). Concurrent misses of one name are not
+merged: each asks upstream (the cache absorbs the repeats).
+
+Limits (:mod:`egressd.limits`): one client may send ``--dns-max-qps-per-client``
+queries a second (and a burst of two seconds' worth); past that its queries
+are answered REFUSED before anything else is done. At most
+``--max-pending-lookups`` queries wait upstream; past that a query is answered
+SERVFAIL at once. Both are ``overloaded`` with the limit in the record.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ import structlog
 from egressd.config import ConfigError, system_resolvers
 from egressd.connection import Engine
 from egressd.hostport import BadDestination, join_host_port, normalize_host
+from egressd.limits import DNS_MAX_QPS_PER_CLIENT, MAX_PENDING_LOOKUPS, RateLimiter, flag
 from egressd.policy.decide import decide_name, passthrough_suffix
 from egressd.policy.model import Decision, Reason, Verdict
 from egressd.records import DnsRecord
@@ -72,7 +78,6 @@ from egressd.sniff.dns import (
 log = structlog.get_logger("egressd.dns")
 
 MAX_CACHE_ENTRIES = 4096
-MAX_INFLIGHT = 1024  # upstream queries in flight, all clients together
 
 Send = Callable[[bytes], None]
 Upstreams = tuple[tuple[str, int], ...]
@@ -145,11 +150,14 @@ class Filter:
         self.cache = AnswerCache()
         self.denials: dict[tuple, bytes] = {}  # (cache key, response form) -> a rendered NXDOMAIN
         self.tasks: dict[asyncio.Task[None], DnsRecord] = {}  # queries waiting upstream, with their records
+        self.max_pending = cfg.max_pending_lookups
+        self.rates = RateLimiter(cfg.dns_max_qps_per_client)
 
     def receive(self, wire: bytes, peer: tuple, send: Send, udp: bool) -> asyncio.Task[None] | None:
         """Answer one message from ``peer``; the task when the answer waits for upstream, else None (answered)."""
         engine = self.engine
-        rec = DnsRecord(time.time(), engine.service_of(peer), join_host_port(peer[0].split("%", 1)[0], peer[1]))
+        ip = peer[0].split("%", 1)[0]
+        rec = DnsRecord(time.time(), engine.service_of(peer), join_host_port(ip, peer[1]))
         query = read_query(wire)
         if isinstance(query, Bad):
             rec.rcode, rec.detail = query.rcode, query.detail
@@ -160,6 +168,11 @@ class Filter:
         question = query.question[0]
         rec.qtype = dns.rdatatype.to_text(question.rdtype)
         text = question.name.to_text(omit_final_dot=True)
+        if not self.rates.allow(ip):
+            rec.qname, rec.reason, rec.limit = text, Reason.OVERLOADED.value, DNS_MAX_QPS_PER_CLIENT
+            self._refuse(rec, query, send, udp, dns.rcode.REFUSED, f"{ip} sent more than {self.rates.rate:g} "
+                         f"queries a second, the {flag(DNS_MAX_QPS_PER_CLIENT)} limit")
+            return None
         try:
             name = rec.qname = normalize_host(text)
         except BadDestination as exc:
@@ -192,9 +205,10 @@ class Filter:
         if hit is not None:
             self._answer(rec, query, wire, name, *hit, send, udp)
             return None
-        if len(self.tasks) >= MAX_INFLIGHT:
-            rec.decision, rec.reason = "deny", Reason.DNS_FAILURE.value
-            self._refuse(rec, query, send, udp, dns.rcode.SERVFAIL, f"{MAX_INFLIGHT} upstream queries in flight")
+        if len(self.tasks) >= self.max_pending:
+            rec.decision, rec.reason, rec.limit = "deny", Reason.OVERLOADED.value, MAX_PENDING_LOOKUPS
+            self._refuse(rec, query, send, udp, dns.rcode.SERVFAIL,
+                         f"{len(self.tasks)} queries wait upstream, the {flag(MAX_PENDING_LOOKUPS)} limit")
             return None
         task = asyncio.get_running_loop().create_task(self._forward(rec, query, wire, name, key, send, udp))
         self.tasks[task] = rec
@@ -289,7 +303,10 @@ class Filter:
         """Count the query and write its record (unless --dns-audit denied and it was not denied); once."""
         if rec.emitted:
             return
-        self.engine.metrics.dns_queries[(rec.service or "-", rec.decision, rec.reason)] += 1
+        metrics = self.engine.metrics
+        metrics.dns_queries[(rec.service or "-", rec.decision, rec.reason)] += 1
+        if rec.limit is not None:
+            metrics.limit_hits[rec.limit] += 1
         if self.denied_only and rec.decision != "deny":
             rec.emitted = True
         else:

@@ -22,6 +22,14 @@ takes a family's absence from the other's seed (no family disappears) and never
 fills a family that was neither seeded nor answered (none is invented). A seed
 replaces its family's entry, with the seed's TTL under the same clamp; a lookup
 in flight when a seed lands keeps the seed.
+
+Limits (:mod:`egressd.limits`): at most ``max_pending`` names are looked up at
+once; a lookup of one more name (neither cached nor in flight) raises
+LimitExceeded at once, while lookups that join one in flight or hit the cache
+go on. A name keeps at most ``max_addresses`` addresses: the first of its
+answers, IPv4 and IPv6 alternately (a seed keeps the first of its family); the
+rest are never dialled, and every connection to the name is told how many were
+dropped (:attr:`Pinned.dropped`).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import dns.resolver
 from egressd.addresses import AddressCheck, check
 from egressd.errors import DnsFailure
 from egressd.hostport import Destination, IPAddress
+from egressd.limits import MAX_PENDING_LOOKUPS, LimitExceeded
 from egressd.metrics import Metrics
 from egressd.policy.model import IPNetwork
 
@@ -62,6 +71,7 @@ class Pinned:
     candidates: tuple[IPAddress, ...]
     refused: tuple[AddressCheck, ...]
     dns_ms: float | None
+    dropped: int = 0  # answers past --max-addresses-per-name, never dialled
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +81,7 @@ class _Entry:
     expires: float
     addresses: tuple[IPAddress, ...]
     error: str | None = None
+    dropped: int = 0  # addresses of the answer past the limit, not kept
 
 
 _Pair = tuple[_Entry, _Entry]  # (A, AAAA)
@@ -87,6 +98,8 @@ class Resolver:
         max_ttl: float = 300.0,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_pending: int = 1024,
+        max_addresses: int = 50,
     ) -> None:
         if not servers:
             raise ValueError("no DNS servers: pass --resolver IP[:PORT] or list nameservers in /etc/resolv.conf")
@@ -100,24 +113,36 @@ class Resolver:
         self._clock = clock
         self._cache: dict[tuple[str, int], _Entry] = {}  # (name, 4 or 6) -> entry
         self._inflight: dict[str, asyncio.Task[_Pair]] = {}
+        self.max_pending = max_pending
+        self.max_addresses = max_addresses
 
     async def lookup(self, name: str) -> tuple[tuple[IPAddress, ...], float | None]:
-        """Return (addresses, milliseconds waited for DNS, None when answered from the cache) or raise DnsFailure."""
+        """Return (addresses, milliseconds waited for DNS, None when answered from the cache) or raise DnsFailure
+        (or LimitExceeded past ``max_pending``)."""
+        addresses, dns_ms, _ = await self._lookup(name)
+        return addresses, dns_ms
+
+    async def _lookup(self, name: str) -> tuple[tuple[IPAddress, ...], float | None, int]:
+        """:meth:`lookup`, and how many addresses past the limit were dropped."""
         now = self._clock()
         v4 = self._fresh(name, 4, now)
         v6 = self._fresh(name, 6, now)
         if v4 is not None and v6 is not None:
             self._metrics.dns_cache["hit"] += 1
-            return self._answer(name, v4, v6), None
-        self._metrics.dns_cache["miss"] += 1
+            return self._answer(name, v4, v6), None, v4.dropped + v6.dropped
         started = time.perf_counter()
         task = self._inflight.get(name)
         if task is None:
+            if len(self._inflight) >= self.max_pending:
+                raise LimitExceeded(MAX_PENDING_LOOKUPS, f"{len(self._inflight)} names are being looked up")
+            self._metrics.dns_cache["miss"] += 1
             task = asyncio.get_running_loop().create_task(self._query(name, started))
             self._inflight[name] = task
             task.add_done_callback(functools.partial(self._finished, name))
+        else:
+            self._metrics.dns_cache["miss"] += 1
         v4, v6 = await asyncio.shield(task)
-        return self._answer(name, v4, v6), (time.perf_counter() - started) * 1000
+        return self._answer(name, v4, v6), (time.perf_counter() - started) * 1000, v4.dropped + v6.dropped
 
     def seed(self, name: str, rdtype: int, addresses: Iterable[IPAddress | str], ttl: float) -> None:
         """Cache what the DNS filter answered for one type of ``name`` (canonical), for ``ttl`` under the clamp.
@@ -135,7 +160,9 @@ class Resolver:
         other = self._cache.get((name, 10 - family))
         if other is not None and other.error is not None:
             del self._cache[(name, 10 - family)]
-        self._store((name, family), _Entry(self._clock() + ttl, tuple(ip for ip in ips if ip.version == family)))
+        kept = tuple(ip for ip in ips if ip.version == family)
+        limit = self.max_addresses
+        self._store((name, family), _Entry(self._clock() + ttl, kept[:limit], dropped=max(len(kept) - limit, 0)))
 
     def _fresh(self, name: str, family: int, now: float) -> _Entry | None:
         entry = self._cache.get((name, family))
@@ -198,7 +225,22 @@ class Resolver:
         if not any(found.values()) and not any(e is not None and e.addresses for e in known.values()):
             raise DnsFailure(f"{name}: {_describe(errors) if errors else 'no A or AAAA records'}")
         expires = self._clock() + min(max(min(ttls, default=self._min_ttl), self._min_ttl), self._max_ttl)
-        return self._keep(name, {f: _Entry(expires, tuple(found.get(f, ()))) for f in missing}, known)
+        kept = self._trim(found, known)
+        return self._keep(name, {f: _Entry(expires, kept[f][0], dropped=kept[f][1]) for f in missing}, known)
+
+    def _trim(self, found: dict[int, list[IPAddress]], known: dict[int, _Entry | None]) -> dict[int, tuple]:
+        """Per family (addresses kept, how many dropped): the first ``max_addresses`` of the name's answers, IPv4
+        and IPv6 alternately; a family still cached counts with what it keeps."""
+        room = {f: len(e.addresses) for f, e in known.items() if e is not None}
+        quota = {f: 0 for f in found}
+        left = self.max_addresses - sum(room.values())
+        while left > 0 and any(quota[f] < len(found[f]) for f in found):
+            for f in found:
+                if left > 0 and quota[f] < len(found[f]):
+                    quota[f] += 1
+                    left -= 1
+        return {f: (tuple(found.get(f, ())[:quota.get(f, 0)]), len(found.get(f, ())) - quota.get(f, 0))
+                for f in (4, 6)}
 
     def _keep(self, name: str, learnt: dict[int, _Entry], known: dict[int, _Entry | None]) -> _Pair:
         """Store the learnt entries, except where a seed arrived while the query was out; return (A, AAAA)."""
@@ -221,13 +263,13 @@ class Resolver:
     async def pin(self, dest: Destination, allow_cidrs: tuple[IPNetwork, ...]) -> Pinned:
         """Resolve (unless dest is an IP literal) and classify every answer; candidates may come out empty."""
         if dest.ip is not None:
-            resolved, dns_ms = (dest.ip,), None
+            resolved, dns_ms, dropped = (dest.ip,), None, 0
         else:
-            resolved, dns_ms = await self.lookup(dest.host)
+            resolved, dns_ms, dropped = await self._lookup(dest.host)
         checks = [_check(ip, allow_cidrs) for ip in resolved]
         candidates = tuple(c.ip for c in checks if c.allowed)
         refused = tuple(c for c in checks if not c.allowed)
-        return Pinned(resolved, candidates, refused, dns_ms)
+        return Pinned(resolved, candidates, refused, dns_ms, dropped)
 
 
 def _interleave(addresses: list[IPAddress]) -> list[IPAddress]:

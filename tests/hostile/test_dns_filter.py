@@ -12,6 +12,7 @@ are marked "(regression)".
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass
 
 import dns.message
@@ -32,6 +33,7 @@ ZONE = {
 }
 API = name(b"api", b"dnsh", b"test")
 Q = query("api.dnsh.test")
+RULES = service_yaml("  - host: api.dnsh.test\n  - host: soa.dnsh.test\n")
 
 
 def formerr(label: str, wire: bytes, **record) -> Case:
@@ -112,10 +114,10 @@ class Filter:
 
 @pytest.fixture(scope="module")
 def dns_filter(lab, module_proxy) -> Filter:
-    """One egressd with a DNS filter for the module; this module's names are in the lab's zone meanwhile."""
+    """One egressd with a DNS filter for the module; this module's names are in the lab's zone meanwhile.
+    Every row comes from 127.0.0.1: the rate limit per client is out of their way (it has its own test)."""
     lab.dns.zone.update(ZONE)
-    rules = service_yaml("  - host: api.dnsh.test\n  - host: soa.dnsh.test\n")
-    proxy = module_proxy({"svc.yaml": rules}, "--dns-listen", "127.0.0.1:0")
+    proxy = module_proxy({"svc.yaml": RULES}, "--dns-listen", "127.0.0.1:0", "--dns-max-qps-per-client", "1000000")
     yield Filter(proxy, Ledger(proxy, "egress.dns"), proxy.dns[0])
     for key in ZONE:
         lab.dns.zone.pop(key, None)
@@ -157,23 +159,27 @@ WINDOW = 50
 BURST = 500  # queries sent at once, before any answer is read
 
 
-def test_flood_from_one_client_is_answered_and_recorded_and_others_are_served(dns_filter: Filter) -> None:
-    """A client that sends thousands of queries back to back gets every answer and a record for each, and
-    another client is answered in the middle of it."""
-    dns_filter.ledger.begin()
-    address = dns_filter.address
-    answered = 0
+def test_flood_from_one_client_is_refused_past_its_rate_and_others_are_served(lab, module_proxy) -> None:
+    """A client that sends thousands of queries back to back gets every answer (NXDOMAIN within its rate, then
+    REFUSED) and a record for each, naming the limit past it; another client is answered in the middle of it."""
+    lab.dns.zone.update(ZONE)
+    proxy = module_proxy({"svc.yaml": RULES}, "--dns-listen", "127.0.0.1:0", "--dns-max-qps-per-client", "100")
+    ledger, address = Ledger(proxy, "egress.dns"), proxy.dns[0]
+    ledger.begin()
+    rcodes: dict[str, int] = {}
+    started = time.monotonic()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood, \
             socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+        other.bind(("127.0.0.2", 0))
         flood.settimeout(10)
         other.settimeout(10)
-        sent = 0
+        sent = answered = 0
         for _ in range(WINDOW):
             flood.sendto(query(f"f{sent}.denied.dnsh.test"), address)
             sent += 1
         while answered < FLOOD:
-            answer = flood.recv(65536)
-            assert rcode_of(answer) == "NXDOMAIN"
+            rcode = rcode_of(flood.recv(65536))
+            rcodes[rcode] = rcodes.get(rcode, 0) + 1
             answered += 1
             if sent < FLOOD:
                 flood.sendto(query(f"f{sent}.denied.dnsh.test"), address)
@@ -181,10 +187,19 @@ def test_flood_from_one_client_is_answered_and_recorded_and_others_are_served(dn
             if answered == FLOOD // 2:
                 other.sendto(Q, address)
                 assert rcode_of(other.recv(65536)) == "NOERROR"
-    records = dns_filter.ledger.take(FLOOD + 1, "of the flood and the other client")
-    assert sum(r["reason"] == "not_allowlisted" for r in records) == FLOOD
+    elapsed = time.monotonic() - started
+    assert set(rcodes) == {"NXDOMAIN", "REFUSED"}
+    assert 200 <= rcodes["NXDOMAIN"] <= 200 + 100 * elapsed + 1  # the burst (2 s worth), then 100 a second
+    records = ledger.take(FLOOD + 1, "of the flood and the other client")
+    refused = [r for r in records if r["rcode"] == "REFUSED"]
+    assert len(refused) == rcodes["REFUSED"]
+    assert {(r["reason"], r["limit"], r["client"].split(":")[0]) for r in refused} == {
+        ("overloaded", "dns_max_qps_per_client", "127.0.0.1")}
+    assert "127.0.0.1 sent more than 100 queries a second, the --dns-max-qps-per-client limit" in refused[0]["detail"]
+    assert sum(r["reason"] == "not_allowlisted" for r in records) == rcodes["NXDOMAIN"]
     assert [r["qname"] for r in records if r["reason"] == "allowed"] == ["api.dnsh.test"]
-    assert dns_filter.proxy.proc.poll() is None
+    metric = f'egressd_limit_hits_total{{limit="dns_max_qps_per_client"}} {float(rcodes["REFUSED"])}'
+    assert metric in proxy.metrics()
 
 
 def _rmem_max() -> int:

@@ -140,8 +140,9 @@ def start(lab, module_proxy, *extra: str) -> Resolving:
 
 @pytest.fixture(scope="module")
 def resolving(lab, module_proxy) -> Resolving:
-    """egressd resolving through this module's DNS server (``*.res.test`` allowed on the echo port)."""
-    return start(lab, module_proxy)
+    """egressd resolving through this module's DNS server (``*.res.test`` allowed on the echo port), keeping
+    every address of the 500-record answer so that each one is classified (the limit has its own test)."""
+    return start(lab, module_proxy, "--max-addresses-per-name", "500")
 
 
 @pytest.mark.parametrize("case", params(ROWS))
@@ -167,6 +168,25 @@ def test_500_records_are_all_classified_and_named(lab, resolving: Resolving) -> 
     [rec] = resolving.ledger.take(1)
     assert 2 <= len(rec["resolved"]) <= 500 and rec["upstream"] == f"127.0.0.1:{lab.echo.port}"
     assert "10.0.0.1 is private" in rec["detail"]
+
+
+@pytest.mark.isolated
+def test_500_records_keep_the_first_50_and_the_record_says_so(lab, module_proxy) -> None:
+    """By default a name keeps 50 addresses (--max-addresses-per-name): the record lists those 50, names the
+    limit and how many were dropped, and only a kept address is ever dialled."""
+    defaults = start(lab, module_proxy)
+    proxy, ledger = defaults.proxy, defaults.ledger
+    ledger.begin()
+    outcome = tunnel("many.res.test:{echo}", b"x")(defaults.target)
+    [rec] = ledger.take(1)
+    assert len(rec["resolved"]) == 50 and set(rec["resolved"]) <= set(MANY)
+    assert rec["limit"] == "max_addresses_per_name"
+    assert "many.res.test has 500 addresses; the first 50 were kept (--max-addresses-per-name)" in rec["detail"]
+    kept_loopback = "127.0.0.1" in rec["resolved"]  # the server shuffles its answer: kept or not, it is consistent
+    assert rec["reason"] == ("allowed" if kept_loopback else "forbidden_address")
+    assert outcome.after_head == b"x" if kept_loopback else outcome.head.startswith(b"HTTP/1.1 403 ")
+    assert rec["upstream"] == (f"127.0.0.1:{lab.echo.port}" if kept_loopback else None)
+    assert 'egressd_limit_hits_total{limit="max_addresses_per_name"} 1.0' in proxy.metrics()
 
 
 def test_ttl_0_is_held_for_the_minimum_ttl(lab, resolving: Resolving) -> None:

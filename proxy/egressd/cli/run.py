@@ -29,11 +29,18 @@ _FLOATS = {
     "dns-max-ttl": "longest time an answer is cached, seconds",
     "reload-interval": "seconds between checks of the allowlist files for changes (0: SIGHUP only)",
     "audit-checkpoint-seconds": "seconds after which a checkpoint follows the records written since the last one",
+    "dns-max-qps-per-client": "DNS filter queries a second from one client (a burst of 2 s more); more get REFUSED",
 }
 _INTS = {
     "max-header-bytes": "largest request head accepted, bytes",
     "max-connections": "most client connections open at once; more get 503",
     "max-connections-per-client": "most connections open at once from one client IP; more get 503",
+    "max-pending-heads": "most request heads and ClientHellos arriving at once; past it the oldest of the client "
+    "with the most is reset",
+    "max-pending-lookups": "most names being looked up at once; a new name past it gets 503",
+    "max-addresses-per-name": "addresses kept of one name's DNS answers; the rest are never dialled",
+    "dns-max-tcp-connections": "most TCP connections to the DNS filter; past it the idlest of the client with the "
+    "most is closed",
     "audit-checkpoint-records": "records after which a checkpoint follows",
 }
 # The defaults live in Config alone.

@@ -86,6 +86,12 @@ class Accepted(Side):
             self.engine.release(self, self.who)
 
 
+def client_ip(side: Side) -> str:
+    """The IP of the client on ``side`` (an :class:`Accepted`), as the limits count it."""
+    who = getattr(side, "who", None)
+    return who.ip if who is not None else "-"
+
+
 SNI_KEPT = 255  # characters of a server name a record keeps: any DNS name fits (255 octets on the wire)
 
 

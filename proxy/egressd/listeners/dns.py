@@ -20,8 +20,10 @@ At most MAX_PIPELINE queries of one connection are in flight; past that, and
 while the client does not read its answers, reading pauses. A connection is
 closed after TCP_IDLE_TIMEOUT seconds without a complete query and with
 nothing in flight (a half-sent message does not count), or once it has sent
-EOF and every answer is out. At most MAX_TCP_CONNECTIONS are open; more are
-closed as soon as they are accepted. The UDP socket asks for a receive buffer
+EOF and every answer is out. At most ``--dns-max-tcp-connections`` are open;
+one more closes the idlest connection of the client with the most (nothing in
+flight first), so that a client holding connections open pushes out its own
+and never the others' (:mod:`egressd.limits`). The UDP socket asks for a receive buffer
 of UDP_RECEIVE_BUFFER, so that a burst of queries waits instead of being
 dropped by the kernel.
 """
@@ -43,9 +45,9 @@ import dns.rcode
 from egressd.connection import Engine, peer_address
 from egressd.dnsfilter import Filter, Upstreams
 from egressd.hostport import join_host_port
+from egressd.limits import DNS_MAX_TCP_CONNECTIONS, heaviest
 
 TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP connection may go without a complete query (and nothing in flight)
-MAX_TCP_CONNECTIONS = 256
 MAX_PIPELINE = 32  # queries of one TCP connection in flight
 _BIND_ATTEMPTS = 20  # tries at a port free for both UDP and TCP when the port is 0
 # The UDP socket's receive buffer: a burst of queries (an app resolving many names at once, a search list) waits
@@ -94,11 +96,8 @@ class _Tcp(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
-        if len(self.listener.connections) >= MAX_TCP_CONNECTIONS:
-            transport.abort()
-            return
-        self.listener.connections.add(self)
         self.peer = peer_address(transport) or ("-", 0)
+        self.listener.admit(self)
         self.timer = self.loop.call_later(TCP_IDLE_TIMEOUT, self._check_idle)
 
     def data_received(self, data: bytes) -> None:
@@ -184,9 +183,25 @@ class DnsListener:
     def __init__(self, engine: Engine) -> None:
         self.filter = Filter(engine, ask_upstream)
         self.connections: set[_Tcp] = set()
+        self.engine = engine
+        self.max_connections = engine.config.dns_max_tcp_connections
         self.address: tuple[str, int] = ("", 0)
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
+
+    def admit(self, connection: _Tcp) -> None:
+        """Count a new TCP connection in; at the limit, first close the idlest connection (nothing in flight
+        before anything waiting upstream) of the client with the most."""
+        while len(self.connections) >= self.max_connections:
+            clients: dict[str, list[_Tcp]] = {}
+            for other in self.connections:
+                clients.setdefault(other.peer[0], []).append(other)
+            victim = min(clients[heaviest(clients)], key=lambda c: (bool(c.pending), c.last))
+            self.connections.discard(victim)
+            self.engine.metrics.limit_hits[DNS_MAX_TCP_CONNECTIONS] += 1
+            if victim.transport is not None:
+                victim.transport.abort()
+        self.connections.add(connection)
 
     async def bind(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()

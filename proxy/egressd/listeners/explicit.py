@@ -31,13 +31,13 @@ import structlog
 from egressd.connection import Client, Engine
 from egressd.errors import Denied, ProxyError
 from egressd.hostport import BadDestination, Destination, normalize_host, quoted
-from egressd.listeners import Accepted, recorded_sni
+from egressd.listeners import Accepted, client_ip, recorded_sni
 from egressd.listeners.requests import error_response, serve_requests
 from egressd.policy.model import Reason
 from egressd.records import Record
 from egressd.relay import Side
 from egressd.sniff.target import Target, parse_target
-from egressd.sniff.tls import HelloStatus, parse_client_hello
+from egressd.sniff.tls import ClientHello, HelloStatus, parse_client_hello
 
 LISTENER = "explicit"
 log = structlog.get_logger("egressd.explicit")
@@ -72,19 +72,7 @@ async def tunnel(engine: Engine, rec: Record, client: Side, target: Target) -> N
 
 async def read_sni(engine: Engine, rec: Record, client: Side, dest: Destination) -> None:
     """Wait for the ClientHello and record its SNI; raise Denied unless it names dest (nothing went upstream)."""
-    deadline = asyncio.get_running_loop().time() + engine.config.hello_timeout
-    try:
-        while True:
-            hello = parse_client_hello(client.buffer)
-            if hello.status is not HelloStatus.NEED_MORE:
-                break
-            if client.eof:
-                raise Denied(Reason.SNI_MISSING, "the client closed the tunnel before a complete TLS ClientHello")
-            await client.read_more(deadline)
-    except TimeoutError:
-        raise Denied(
-            Reason.SNI_MISSING, f"no TLS ClientHello within {engine.config.hello_timeout:g}s on a TLS port"
-        ) from None
+    hello = await engine.heads.reading(client, client_ip(client), _hello(engine, client))
     if hello.status is not HelloStatus.OK:
         raise Denied(Reason.SNI_MISSING, f"the first bytes on a TLS port are not a TLS ClientHello: {hello.detail}")
     rec.sni = recorded_sni(hello.sni)
@@ -102,6 +90,23 @@ async def read_sni(engine: Engine, rec: Record, client: Side, dest: Destination)
     if sni != dest.host:
         raise Denied(Reason.SNI_MISMATCH, f"TLS server name {sni} does not match CONNECT host {dest.host}")
     rec.sni = sni
+
+
+async def _hello(engine: Engine, client: Side) -> ClientHello:
+    """The client's whole ClientHello (or what stands in its place), within --hello-timeout."""
+    deadline = asyncio.get_running_loop().time() + engine.config.hello_timeout
+    try:
+        while True:
+            hello = parse_client_hello(client.buffer)
+            if hello.status is not HelloStatus.NEED_MORE:
+                return hello
+            if client.eof:
+                raise Denied(Reason.SNI_MISSING, "the client closed the tunnel before a complete TLS ClientHello")
+            await client.read_more(deadline)
+    except TimeoutError:
+        raise Denied(
+            Reason.SNI_MISSING, f"no TLS ClientHello within {engine.config.hello_timeout:g}s on a TLS port"
+        ) from None
 
 
 class _Client(Accepted):

@@ -21,7 +21,7 @@ import structlog
 from egressd.connection import Client, Engine
 from egressd.errors import BadRequest, ProxyError
 from egressd.hostport import IPAddress
-from egressd.listeners import internal_error
+from egressd.listeners import client_ip, internal_error
 from egressd.listeners.forward import DONE, SPLICED, Forwarder
 from egressd.listeners.httpio import CLOSED, next_event, whole_response
 from egressd.policy.model import Reason
@@ -147,10 +147,10 @@ async def read_head(engine: Engine, client: Side, requests: RequestParser, first
         except TimeoutError:
             return None
     timeout = cfg.header_timeout
-    event = await next_event(
+    event = await engine.heads.reading(client, client_ip(client), next_event(
         client, requests, loop.time() + timeout,
         stalled=lambda: BadRequest(f"no complete request head within {timeout:g}s", status=408),
-    )
+    ))
     if event is CLOSED:
         if requests.in_head:
             raise BadRequest("the client closed the connection in the middle of its request head")

@@ -57,7 +57,7 @@ import structlog
 from egressd.connection import Client, Engine
 from egressd.errors import BadRequest, Denied, ProxyError
 from egressd.hostport import BadDestination, Destination, IPAddress, ip_text, join_host_port, parse_authority
-from egressd.listeners import Accepted, internal_error, recorded_sni
+from egressd.listeners import Accepted, client_ip, internal_error, recorded_sni
 from egressd.listeners.requests import serve_requests
 from egressd.policy.decide import decide
 from egressd.policy.model import Decision, Reason
@@ -199,7 +199,7 @@ async def route(engine: Engine, rec: Record, client: _Client) -> bool:
         return False
     loop = asyncio.get_running_loop()
     timeout = engine.config.hello_timeout
-    kind, hello = await sniff(client, loop.time() + timeout)
+    kind, hello = await engine.heads.reading(client, client_ip(client), sniff(client, loop.time() + timeout))
     if kind is First.HTTP:
         rec.protocol = "http"
         return True
