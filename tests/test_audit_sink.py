@@ -356,3 +356,17 @@ def test_full_file_system_makes_the_dns_filter_answer_servfail_until_records_can
         return any(r["event"] == "egress.dns" and r["reason"] == "audit_unavailable" for r in map(json.loads, lines))
 
     wait_for(refusal_recorded, what="the refusal recorded")
+
+
+def test_closed_stdout_pipe_makes_the_dns_filter_answer_servfail(lab, launch):
+    """Records to stdout and the reader gone (EPIPE): the DNS filter answers SERVFAIL audit_unavailable and the
+    proxy 503, and the process keeps running and answering /healthz."""
+    proxy = launch("--dns-listen", "127.0.0.1:0", stdout=subprocess.PIPE)
+    assert dns_rcode(proxy) == "NOERROR"
+    assert proxy.proc.stdout is not None
+    proxy.proc.stdout.close()  # nobody will ever read the records again
+    until_refused(lambda: tunnel(proxy, lab), b"HTTP/1.1 200")
+    assert_refusing(proxy, "Broken pipe")
+    assert dns_rcode(proxy) == "SERVFAIL"
+    assert proxy.metric("egressd_dns_queries_total", service="svc", decision="deny", reason="audit_unavailable") >= 1
+    assert proxy.proc.poll() is None
