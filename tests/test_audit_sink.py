@@ -11,6 +11,7 @@ import errno
 import fcntl
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -339,21 +340,27 @@ def test_full_file_system_makes_the_dns_filter_answer_servfail_until_records_can
     mount = tmp_path / "fs"
     mount.mkdir()
     prefix = tmpfs_prefix(mount)
-    proxy = launch("--dns-listen", "127.0.0.1:0", audit_path=mount / "audit.jsonl", prefix=prefix,
-                   stdout=subprocess.DEVNULL)
+    proxy = launch("--dns-listen", "127.0.0.1:0", "--transparent-listen", "127.0.0.1:0",
+                   audit_path=mount / "audit.jsonl", prefix=prefix, stdout=subprocess.DEVNULL)
     inside = Path(f"/proc/{proxy.proc.pid}/root") / mount.relative_to("/")
     assert dns_rcode(proxy) == "NOERROR"
     wait_for(lambda: (inside / "audit.jsonl").stat().st_size > 0, what="the first record")
     fill(inside)
     until_refused(lambda: tunnel(proxy, lab), b"HTTP/1.1 200")  # the writer has met the full disk
     assert dns_rcode(proxy) == "SERVFAIL"
+    transparent = tuple(proxy.wait_log("egressd.started")["transparent"][0])
+    with socket.create_connection(transparent, timeout=5) as redirected, pytest.raises(ConnectionResetError):
+        redirected.sendall(b"\x16\x03\x01")  # reset at accept: here, or at the read
+        redirected.recv(1)
     assert proxy.metric("egressd_dns_queries_total", service="svc", decision="deny", reason="audit_unavailable") >= 1
     (inside / "filler").unlink()
     wait_for(lambda: http_get(proxy.admin, "/readyz")[0] == 200, what="ready again")
     assert dns_rcode(proxy) == "NOERROR"
     def refusal_recorded() -> bool:
         lines = (inside / "audit.jsonl").read_bytes().splitlines()
-        return any(r["event"] == "egress.dns" and r["reason"] == "audit_unavailable" for r in map(json.loads, lines))
+        records = map(json.loads, lines)
+        refused = {(r["event"], r.get("listener")) for r in records if r.get("reason") == "audit_unavailable"}
+        return {("egress.dns", None), ("egress.connection", "transparent")} <= refused
 
     wait_for(refusal_recorded, what="the refusal recorded")
 
