@@ -92,7 +92,7 @@ CASES: dict[str, list[str]] = {
     "duplicate_key": ['duplicate_key/payments-api.yaml:5: duplicate key "allow" (first on line 3); keep one of them'],
     "unknown_key": [
         'unknown_key/payments-api.yaml:4: unknown key "hosts" in an allow rule; '
-        "allowed keys are: host, cidr, ports, tls"
+        "allowed keys are: host, cidr, ports, tls, inspect"
     ],
     "unknown_top_key": [
         'unknown_top_key/payments-api.yaml:3: unknown key "allowed" in an allowlist file; '
@@ -116,7 +116,7 @@ CASES: dict[str, list[str]] = {
     "host_and_cidr": [f"host_and_cidr/payments-api.yaml:4: {_ONE_OF}"],
     "neither_host_nor_cidr": [f"neither_host_nor_cidr/payments-api.yaml:4: {_ONE_OF}"],
     "rule_not_mapping": [
-        "rule_not_mapping/payments-api.yaml:4: an allow rule must be a mapping with keys from: host, cidr, ports, tls"
+        "rule_not_mapping/payments-api.yaml:4: an allow rule must be a mapping with keys from: host, cidr, ports, tls, inspect"
     ],
     "allow_empty_value": ["allow_empty_value/payments-api.yaml:3: allow must be a list; write allow: [] for none"],
     "empty_host": ["empty_host/payments-api.yaml:4: host is empty; give it a value"],

@@ -44,7 +44,11 @@ decide
     :class:`egressd.policy.model.Policy` that :mod:`egressd.policy.loader` built
     from ``allowlists/``: a verdict, a reason from a closed set, the rule's file:line.
     Host patterns and their index are :mod:`egressd.policy.match`, the Public
-    Suffix List's safety rule :mod:`egressd.policy.suffixes`. The review tools
+    Suffix List's safety rule :mod:`egressd.policy.suffixes`. A host rule's
+    ``inspect:`` (read by :mod:`egressd.policy.inspectformat`) makes the
+    decision carry request rules; :mod:`egressd.inspect` holds inspect mode,
+    now its pure (method, path) check :mod:`egressd.inspect.rules`
+    (``check_request`` over ``normalize_path``). The review tools
     read the same policy: :mod:`egressd.policy.lint`, :mod:`egressd.policy.diff`
     (with :mod:`egressd.policy.revision`), :mod:`egressd.policy.policytest` and
     :mod:`egressd.policy.suggest`.

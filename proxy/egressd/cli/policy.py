@@ -1,4 +1,8 @@
-"""``egressd validate`` and ``egressd check``: the allowlists, without a running proxy."""
+"""``egressd validate`` and ``egressd check``: the allowlists, without a running proxy.
+
+``check`` decides one destination; with ``--method`` and ``--path`` it also decides one request on a name
+whose rule has ``inspect:`` (:func:`egressd.inspect.rules.check_request`).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ from pathlib import Path
 
 from egressd.config import env_default
 from egressd.hostport import BadDestination, parse_authority
+from egressd.inspect.rules import check_request
 from egressd.policy.decide import decide
 from egressd.policy.lint import LintWarning, lint
 from egressd.policy.loader import LoadError, PolicyError, load_policy
-from egressd.policy.model import Mode, Policy
+from egressd.policy.model import Decision, Mode, Policy
 
 FORMATS = ("text", "json", "github")
 
@@ -29,11 +34,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="text (default), json (one object) or github (workflow annotations, ::error and ::warning)",
     )
 
-    check = sub.add_parser("check", help="decide one destination: exit 0 allow, 1 deny")
+    check = sub.add_parser(
+        "check", help="decide one destination (and with --method and --path one request on an inspected name): "
+        "exit 0 allow, 1 deny",
+    )
     check.add_argument("--allowlists", default=env_default("allowlists", "allowlists"))
     check.add_argument("--service", default=env_default("service"), required=env_default("service") is None)
     check.add_argument("--mode", choices=["enforce", "audit"], default=None)
     check.add_argument("destination", help="HOST[:PORT], port 443 when omitted")
+    check.add_argument("--method", help="with --path: the request's method, e.g. GET, for a name with inspect:")
+    check.add_argument("--path", help="with --method: the request-target, e.g. /repos/acme/x?page=2")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -113,6 +123,9 @@ def _escape(text: str, is_property: bool) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if (args.method is None) != (args.path is None):
+        print("egressd check: give --method and --path together, or neither", file=sys.stderr)
+        return 2
     try:
         policy = load_policy(Path(args.allowlists))
     except PolicyError as exc:
@@ -127,4 +140,24 @@ def cmd_check(args: argparse.Namespace) -> int:
     audit = " (audit mode: would deny)" if decision.would_deny else ""
     print(f"{decision.verdict.value} {decision.reason.value} rule={decision.source or '-'} "
           f"{dest.authority} service={args.service}{audit}")
-    return 0 if decision.allowed else 1
+    if not decision.allowed or (args.method is None and decision.inspect is None):
+        return 0 if decision.allowed else 1
+    return _check_request(decision, args.method, args.path)
+
+
+def _check_request(decision: Decision, method: str | None, path: str | None) -> int:
+    """The inspection of an allowed connection: its entries, or the verdict on one request; the exit code."""
+    inspect = decision.inspect
+    if inspect is None:
+        print("request not inspected: the rule has no inspect:, so every method and path passes")
+        return 0
+    if method is None or path is None:
+        print(f"inspected: a request passes only if one of these {len(inspect.entries)} entries allows it")
+        for entry in inspect.entries:
+            print(f"  {entry} ({entry.source})")
+        return 0
+    verdict = check_request(inspect, method, path)
+    why = f" ({verdict.refusal})" if verdict.refusal else "" if verdict.allowed else " (no entry allows it)"
+    print(f"request {verdict.verdict.value} {verdict.reason.value} entry={verdict.source or '-'} {method} "
+          f"path={verdict.path or '-'}{why}")
+    return 0 if verdict.allowed else 1

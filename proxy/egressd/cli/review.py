@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 
+from egressd.inspect.rules import describe as describe_inspect
 from egressd.policy.diff import GLOBAL, Change, Effect, Kind, PolicyDiff, Section, diff_policies
 from egressd.policy.loader import PolicyError, load_policy
 from egressd.policy.model import Mode, Policy, Rule
@@ -27,6 +28,7 @@ _ORDER = (Effect.WIDENS, Effect.NARROWS, Effect.SAME)
 _HEADINGS = {Effect.WIDENS: "Widenings", Effect.NARROWS: "Narrowings", Effect.SAME: "Same reach"}
 _MARKS = {Effect.WIDENS: "⚠️ widens", Effect.NARROWS: "narrows", Effect.SAME: "same reach"}
 _AUDIT = "audit lets every destination through except global denies"
+_INSPECTION = (Kind.INSPECT_ADDED, Kind.INSPECT_REMOVED, Kind.REQUESTS_ADDED, Kind.REQUESTS_REMOVED)
 
 Quote = Callable[[str], str]
 
@@ -171,8 +173,14 @@ def describe(change: Change, where: Quote = str, quote: Quote = str) -> str:
         line = f"TLS check {state} on {pattern}{ports} ({at})"
     elif kind in (Kind.PORTS_ADDED, Kind.PORTS_REMOVED):
         line = f"{kind.value} on {pattern}: {_numbers(change.ports)} ({_at(kind, at)})"
+    elif kind in _INSPECTION:
+        same = "; within the other requests" if change.effect is Effect.SAME else ""
+        subject = change.subject if kind is Kind.INSPECT_REMOVED else quote(change.subject)
+        line = f"{kind.value} on {pattern}{ports}: {subject} ({at}){same}"
     else:
         line = f"{kind.value} {pattern}{ports} ({_at(kind, at)})"
+    if rule.inspect is not None and kind not in _INSPECTION:
+        line += f", inspected: {quote(describe_inspect(rule.inspect))}"
     return prefix + line + _covered_text(change, where, quote)
 
 

@@ -6,6 +6,8 @@ for a DNS query, which names a host and no port.
 
 from __future__ import annotations
 
+import dataclasses
+
 from egressd.hostport import Destination
 from egressd.policy.match import RuleSet
 from egressd.policy.model import AUDITABLE_REASONS, TLS_PORT, Decision, Mode, Policy, Reason, Rule, Verdict
@@ -22,7 +24,13 @@ def decide(policy: Policy, service: str | None, dest: Destination, mode: Mode | 
     3. A global deny rule matches -> DENY ``denylisted``. Audit mode does not soften this.
     4. A rule of the service, then of the global file, matches the destination and
        lists its port -> ALLOW ``allowed`` with that rule; ``tls_required`` is
-       ``rule.requires_tls(port)``.
+       ``rule.requires_tls(port)``. Inspection: if any of the rules (service or
+       global) that match the destination and list its port has ``inspect:``,
+       the connection is inspected whichever rule came first: the decision's
+       rule is the first such rule (its ``tls_required``), carrying the entries
+       of all of them, service file first (a request passes when one entry
+       allows it). A wider or global rule without ``inspect:`` never opens an
+       inspected name blind.
     5. Otherwise DENY: ``port_not_allowed`` with the first rule that matched the
        destination but not its port, else ``not_allowlisted`` with no rule.
     6. If the effective mode (``mode`` when given, else the service file's) is
@@ -39,9 +47,12 @@ def decide(policy: Policy, service: str | None, dest: Destination, mode: Mode | 
     if denied:
         return Decision(Verdict.DENY, Reason.DENYLISTED, denied[0])
     wrong_port: Rule | None = None
-    for rules in (service_policy.allow, policy.global_allow):
+    allow, global_allow = service_policy.allow, policy.global_allow
+    for rules in (allow, global_allow):
         for rule in _match(rules, dest):
             if rule.allows_port(dest.port):
+                if allow.inspected or global_allow.inspected:  # only then can a later rule inspect this one's names
+                    rule = _inspecting(allow, global_allow, dest) or rule
                 return Decision(Verdict.ALLOW, Reason.ALLOWED, rule, tls_required=rule.requires_tls(dest.port))
             wrong_port = wrong_port or rule
     if wrong_port is not None:
@@ -102,6 +113,19 @@ def passthrough_suffix(name: str, suffixes: tuple[str, ...]) -> str | None:
         if name == suffix or (name.endswith(suffix) and name[-len(suffix) - 1] == "."):
             return suffix
     return None
+
+
+def _inspecting(service: RuleSet, global_: RuleSet, dest: Destination) -> Rule | None:
+    """The first rule, service file first, that matches ``dest``, lists its port and has ``inspect:``, carrying
+    the entries of every such rule; None when there is none."""
+    found = [rule for rules in (service, global_) if rules.inspected
+             for rule in _match(rules, dest) if rule.inspect is not None and rule.allows_port(dest.port)]
+    if len(found) < 2:
+        return found[0] if found else None
+    first = found[0]
+    assert first.inspect is not None
+    return dataclasses.replace(first, inspect=first.inspect.joined(rule.inspect for rule in found[1:]
+                                                                   if rule.inspect is not None))
 
 
 def _match(rules: RuleSet, dest: Destination) -> tuple[Rule, ...]:

@@ -18,6 +18,11 @@ Wildcards: an added pattern that covers one the file had is ``widened`` (a
 ``*.`` that became ``**.``, a new wildcard over exact names, which are named);
 a removed one that covers an added one is ``narrowed``. Global denies work the
 other way round: a deny removed or narrowed widens every service.
+
+Inspection, per pattern and port both sides have in one list (the entries of
+all its rules there, as decide merges them): ``inspect:`` removed widens (every
+request passes now), added narrows; a (method, path) that no old one covers
+(:func:`egressd.inspect.rules.path_covers`) widens, one no new one covers narrows.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import enum
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from egressd.inspect.rules import path_covers
 from egressd.policy.match import covers
 from egressd.policy.model import IPNetwork, Mode, Policy, Rule, ServicePolicy
 
@@ -55,6 +61,10 @@ class Kind(enum.Enum):
     MODE = "mode"
     SERVICE_ADDED = "service added"
     SERVICE_REMOVED = "service removed"
+    INSPECT_ADDED = "inspection added"
+    INSPECT_REMOVED = "inspection removed"
+    REQUESTS_ADDED = "requests added"
+    REQUESTS_REMOVED = "requests removed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +251,8 @@ def _compare(
         if not opened[id(rule)].missing and id(rule) not in folded:
             changes.append(_change(Effect.SAME, Kind.ADDED, scope, rule, opened[id(rule)]))
     changes += _ports(old_grants, new_grants, before, after, old_deny, new_deny, scope, gain, loss)
+    if scope != "deny":
+        changes += _inspection(old, new, scope)
     return changes
 
 
@@ -284,6 +296,61 @@ def _ports(
                 effect = Effect.NARROWS if required_now else Effect.WIDENS
                 changes.append(Change(effect, Kind.TLS, scope, now[port], (port,)))
     return changes
+
+
+# Inspection: (pattern, port) -> the first rule there and the requests of its inspected rules (None: blind).
+
+Request = tuple[str, str, tuple[str, ...]]  # method, pattern as written, compiled
+Inspections = dict[tuple[str, int | None], tuple[Rule, frozenset[Request] | None]]
+
+
+def _inspections(rules: Iterable[Rule]) -> Inspections:
+    found: Inspections = {}
+    for rule in rules:
+        requests = None if rule.inspect is None else frozenset(
+            (method, text, compiled) for entry in rule.inspect.entries for method in entry.methods
+            for text, compiled in zip(entry.paths, entry.compiled, strict=True))
+        for port in sorted(rule.ports) if rule.ports is not None else (None,):
+            first, known = found.get((rule.pattern, port), (rule, None))
+            merged = known if requests is None else requests | (known or frozenset())
+            found[(rule.pattern, port)] = (first, merged)
+    return found
+
+
+def _inspection(old: Sequence[Rule], new: Sequence[Rule], scope: str) -> list[Change]:
+    """Inspection turned on or off, and requests added or removed, for each pattern and port both sides have."""
+    was, now = _inspections(old), _inspections(new)
+    grouped: dict[tuple[Kind, Effect, int, str], tuple[Rule, list[int | None]]] = {}
+    for key, (rule, requests) in now.items():
+        if key not in was:
+            continue
+        before = was[key][1]
+        found: list[tuple[Kind, Effect, str]] = []
+        if before is not None and requests is None:
+            found.append((Kind.INSPECT_REMOVED, Effect.WIDENS, "every method and path passes now"))
+        elif before is None and requests is not None:
+            found.append((Kind.INSPECT_ADDED, Effect.NARROWS, _requests_text(requests)))
+        elif before is not None and requests is not None:
+            for kind, gained, other, effect in ((Kind.REQUESTS_ADDED, requests - before, before, Effect.WIDENS),
+                                               (Kind.REQUESTS_REMOVED, before - requests, requests, Effect.NARROWS)):
+                wider = frozenset(r for r in gained if not any(
+                    o[0] == r[0] and path_covers(o[2], r[2]) for o in other))
+                if wider:
+                    found.append((kind, effect, _requests_text(wider)))
+                if gained - wider:
+                    found.append((kind, Effect.SAME, _requests_text(gained - wider)))
+        for kind, effect, subject in found:
+            grouped.setdefault((kind, effect, id(rule), subject), (rule, []))[1].append(key[1])
+    return [Change(effect, kind, scope, rule, tuple(ports), subject=subject)
+            for (kind, effect, _, subject), (rule, ports) in grouped.items()]
+
+
+def _requests_text(requests: frozenset[Request]) -> str:
+    """``GET /a, /b; POST /c``: the requests by method, in a stable order."""
+    by_method: dict[str, list[str]] = {}
+    for method, text, _ in sorted(requests):
+        by_method.setdefault(method, []).append(text)
+    return "; ".join(f"{method} {', '.join(paths)}" for method, paths in by_method.items())
 
 
 def _allow_cidrs(old: Policy, new: Policy) -> list[Change]:

@@ -14,6 +14,11 @@ column of the rule, and a message naming the rule and what to do:
 - ``shared-hosting-suffix``: the name lies under a suffix of the Public Suffix
   List's private section (``herokuapp.com``, ``github.io``, ``ngrok.io``), where
   anyone can get a name.
+- ``inspect-any-path``: an ``inspect:`` entry lists ``/**``, every path: it checks the method only.
+- ``inspected-by-other``: a host rule without ``inspect:`` shares names and ports with a rule of the same
+  file or of ``_global.yaml``'s allow that has one; on those names only the inspected rule's requests pass.
+
+(The two ``inspect`` codes are in ``INSPECT_CODES``, the others in ``CODES``.)
 
 Every check applies to the allow rules of service files and of ``_global.yaml``
 alike; the deny rules of ``_global.yaml`` are checked only for redundancy among
@@ -25,7 +30,9 @@ Redundancy: a rule is redundant when another rule of the same file covers its
 names (:func:`egressd.policy.match.covers`, or a containing network for
 ``cidr:``) and its ports, and either comes first (then :func:`decide` never
 reaches the later rule) or asks for the same TLS binding on those ports. Of two
-rules that cover each other only the later one is reported.
+rules that cover each other only the later one is reported. A rule with
+``inspect:`` is never redundant to a rule with other entries or none: it
+inspects the names it shares with them.
 
 Nothing here matches names against rules: patterns are compared with ``covers``.
 The Public Suffix List is the one bundled with ``publicsuffixlist``; a suffix is
@@ -41,6 +48,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from egressd.inspect.rules import ANY
 from egressd.policy import suffixes
 from egressd.policy.match import covers
 from egressd.policy.model import Policy, Rule
@@ -49,7 +57,7 @@ from egressd.policy.suffixes import WILDCARDS
 if TYPE_CHECKING:
     from publicsuffixlist import PublicSuffixList
 
-__all__ = ["CODES", "LintWarning", "lint", "private_suffixes"]
+__all__ = ["CODES", "INSPECT_CODES", "LintWarning", "lint", "private_suffixes"]
 
 ANY_LABELS = "any-labels-wildcard"
 UNUSUAL_PORT = "unusual-port"
@@ -59,6 +67,9 @@ PARTLY_DENIED = "partly-denied-by-global"
 WIDE_CIDR = "wide-cidr"
 SHARED_SUFFIX = "shared-hosting-suffix"
 CODES = (ANY_LABELS, UNUSUAL_PORT, REDUNDANT, DENIED, PARTLY_DENIED, WIDE_CIDR, SHARED_SUFFIX)
+INSPECT_ANY_PATH = "inspect-any-path"
+INSPECTED_BY_OTHER = "inspected-by-other"
+INSPECT_CODES = (INSPECT_ANY_PATH, INSPECTED_BY_OTHER)
 
 USUAL_PORTS = frozenset({80, 443})
 WIDEST_PREFIX = {4: 24, 6: 48}
@@ -92,6 +103,7 @@ def lint(policy: Policy) -> list[LintWarning]:
         for rule in rules:
             warnings += _risky(rule)
             warnings += _denied(rule, deny)
+            warnings += _inspection(rule, rules + policy.global_allow.rules)
     warnings += _redundant(deny, "denies every {}")
     return sorted(warnings, key=lambda w: (w.file, w.line, w.column or 0, w.code))
 
@@ -103,6 +115,35 @@ def _warning(rule: Rule, code: str, message: str) -> LintWarning:
 
 def _name(rule: Rule) -> str:
     return f'host "{rule.host}"' if rule.host is not None else f"cidr {rule.cidr}"
+
+
+def _inspection(rule: Rule, others: tuple[Rule, ...]) -> Iterator[LintWarning]:
+    """An entry that allows every path; a rule without ``inspect:`` whose names another rule inspects."""
+    if rule.inspect is not None:
+        for entry in rule.inspect.entries:
+            if (ANY,) in entry.compiled:
+                file, _, line = entry.source.rpartition(":")
+                yield LintWarning(
+                    file, int(line), entry.column, INSPECT_ANY_PATH,
+                    f'the inspect: entry for {", ".join(sorted(entry.methods))} on host "{rule.host}" allows every '
+                    'path ("/**"), so it checks the method only; list the paths the service needs',
+                )
+        return
+    if rule.host is None:
+        return
+    for other in others:
+        if other.inspect is None or other.host is None or not _share_ports(rule, other):
+            continue
+        if covers(rule.host, other.host) or covers(other.host, rule.host):
+            yield _warning(
+                rule, INSPECTED_BY_OTHER,
+                f'{_name(rule)} has no inspect:, but {_name(other)} ({other.source}) inspects the names they share: '
+                "there only its requests pass; add the same inspect: here, or narrow one of the rules",
+            )
+
+
+def _share_ports(one: Rule, other: Rule) -> bool:
+    return one.ports is None or other.ports is None or bool(one.ports & other.ports)
 
 
 def _risky(rule: Rule) -> Iterator[LintWarning]:
@@ -173,6 +214,8 @@ def _redundant(rules: tuple[Rule, ...], what: str) -> Iterator[LintWarning]:
         for earlier, other in enumerate(rules):
             if earlier == later or not _covered(other, rule):
                 continue
+            if rule.inspect is not None and rule.inspect != other.inspect:
+                continue  # it inspects names the other opens blind, or adds entries to the other's
             mutual = _covered(rule, other)
             if earlier < later or (not mutual and _same_tls(other, rule)):
                 line = other.source.rpartition(":")[2]

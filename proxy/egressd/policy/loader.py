@@ -12,7 +12,8 @@ allowlist does (the composer recurses once per level).
 Loading never stops at the first problem and never skips a file: it collects
 every error in every file and either returns a whole Policy or raises
 :class:`PolicyError` with all of them, each formatted ``file:line: what is
-wrong; what to do``. See ``allowlists/README.md`` for the format.
+wrong; what to do``. See ``allowlists/README.md`` for the format; a rule's
+``inspect:`` is read by :mod:`egressd.policy.inspectformat`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from yaml.nodes import Node, SequenceNode
 
 from egressd.addresses import parse_cidr
 from egressd.policy.identities import IdentityIndex, clashes, parse_identities
+from egressd.policy.inspectformat import CIDR_RULE, DENY_RULE, parse_inspect
 from egressd.policy.match import RuleSet, parse_pattern
 from egressd.policy.model import DEFAULT_PORTS, IPNetwork, Mode, Policy, Rule, ServicePolicy
 from egressd.policy.nodes import NONE, VERSION, Fields, File, LoadError, compose, yaml_files
@@ -41,7 +43,7 @@ GLOBAL_FILE = "_global.yaml"
 IGNORED_FILES = frozenset({"README.md", "kustomization.yaml"})
 SERVICE_KEYS = ("version", "service", "mode", "identities", "allow")
 GLOBAL_KEYS = ("version", "global", "allow", "deny", "allow_cidrs")
-ALLOW_RULE_KEYS = ("host", "cidr", "ports", "tls")
+ALLOW_RULE_KEYS = ("host", "cidr", "ports", "tls", "inspect")
 DENY_RULE_KEYS = ("host", "cidr")
 
 # Keys that belong elsewhere: the message says where, instead of "unknown key".
@@ -52,7 +54,7 @@ _GLOBAL_HINTS = {
     "mode": f"mode: does not belong in {GLOBAL_FILE}; set mode: in each service's file",
     "identities": f"identities: does not belong in {GLOBAL_FILE}; list who a service is for in <service>.yaml",
 }
-_DENY_HINTS = {"ports": "deny rules apply to every port; remove ports:"}
+_DENY_HINTS = {"ports": "deny rules apply to every port; remove ports:", "inspect": DENY_RULE}
 _T = TypeVar("_T")
 SERVICE_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?\Z")
 _PORT = re.compile(r"[1-9][0-9]{0,4}\Z")
@@ -203,7 +205,8 @@ def _parse_rules(file: File, node: Node, deny: bool) -> tuple[Rule, ...]:
             continue
         key = (rule.host, rule.cidr, rule.ports, rule.tls)
         if key in seen:
-            file.error(item, f"{what} rule {rule.pattern} repeats the rule on line {seen[key]}; remove one")
+            fix = "merge their inspect: entries into one rule" if rule.inspect is not None else "remove one"
+            file.error(item, f"{what} rule {rule.pattern} repeats the rule on line {seen[key]}; {fix}")
         else:
             seen[key] = item.start_mark.line + 1
             rules.append(rule)
@@ -224,10 +227,16 @@ def _parse_rule(file: File, node: Node, deny: bool) -> Rule | None:
     cidr = file.convert(cidr_node, "cidr", lambda text: _network(text, "cidr", deny)) if cidr_node else None
     ports = None if deny else _parse_ports(file, fields["ports"][1]) if "ports" in fields else DEFAULT_PORTS
     tls = file.convert(fields["tls"][1], "tls", _TLS) if "tls" in fields else None
+    inspect = None
+    if "inspect" in fields and cidr_node is not None:
+        file.error(fields["inspect"][0], CIDR_RULE)
+    elif "inspect" in fields:
+        inspect = parse_inspect(file, node, fields["inspect"][1])
     if len(file.errors) > errors_before:
         return None
     line, column = node.start_mark.line + 1, node.start_mark.column + 1
-    return Rule(source=f"{file.path}:{line}", host=host, cidr=cidr, ports=ports, tls=tls, column=column)
+    return Rule(source=f"{file.path}:{line}", host=host, cidr=cidr, ports=ports, tls=tls, column=column,
+                inspect=inspect)
 
 
 def _parse_ports(file: File, node: Node) -> frozenset[int]:

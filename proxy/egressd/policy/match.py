@@ -158,12 +158,14 @@ class RuleSet:
 
     ``match_host`` takes a canonical host name (from :mod:`egressd.hostport`)
     and looks only at host rules; ``match_ip`` takes an address and looks only
-    at cidr rules.
+    at cidr rules. ``inspected`` says whether any rule has ``inspect:`` (decide
+    looks for more matching rules only then).
     """
 
-    __slots__ = ("rules", "_exact", "_one", "_any", "_mid", "_cidrs", "_position")
+    __slots__ = ("rules", "inspected", "_exact", "_one", "_any", "_mid", "_cidrs", "_position")
 
     rules: tuple[Rule, ...]
+    inspected: bool
     _exact: _Index
     _one: _Index
     _any: _Index
@@ -193,6 +195,7 @@ class RuleSet:
                 exact.setdefault(host, []).append(rule)
         setattr_ = object.__setattr__
         setattr_(self, "rules", rules)
+        setattr_(self, "inspected", any(rule.inspect is not None for rule in rules))
         setattr_(self, "_exact", _tuples(exact))
         setattr_(self, "_one", _tuples(one))
         setattr_(self, "_any", _tuples(any_))

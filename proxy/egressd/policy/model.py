@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from egressd.hostport import IPAddress
     from egressd.identity import Identity
+    from egressd.inspect.rules import Inspect
     from egressd.policy.identities import IdentityIndex
     from egressd.policy.match import RuleSet
 
@@ -56,6 +57,7 @@ class Reason(enum.Enum):
     BAD_IDENTITY = "bad_identity"  # credentials were presented and are not valid
     NO_NAME = "no_name"  # transparent: neither SNI nor an HTTP Host names the destination, and no cidr rule
     PASSTHROUGH = "passthrough"  # DNS filter: a name under a --dns-passthrough suffix, forwarded unchecked
+    REQUEST_NOT_ALLOWED = "request_not_allowed"  # inspect mode: no inspect: entry allows the method and path
 
 
 # Reasons that `mode: audit` turns into an allow with would_deny=true. Everything
@@ -73,6 +75,8 @@ class Rule:
     rules). ``tls`` None means "TLS on port 443 only". ``column`` (1-based, None
     when unknown) points tools such as ``egressd validate`` at the rule; it takes
     no part in equality, and ``source`` stays ``file:line`` as records print it.
+    ``inspect`` (allow host rules only) lists the requests an inspected connection
+    may make (:mod:`egressd.inspect.rules`); None: the name is not inspected.
     """
 
     source: str
@@ -81,10 +85,13 @@ class Rule:
     ports: frozenset[int] | None = DEFAULT_PORTS
     tls: bool | None = None
     column: int | None = field(default=None, compare=False)
+    inspect: Inspect | None = None
 
     def __post_init__(self) -> None:
         if (self.host is None) == (self.cidr is None):
             raise ValueError("a rule has exactly one of host and cidr")
+        if self.inspect is not None and self.host is None:
+            raise ValueError("only a host rule is inspected")
 
     def allows_port(self, port: int) -> bool:
         return self.ports is None or port in self.ports
@@ -163,7 +170,10 @@ class Policy:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The outcome of the policy step: a verdict, a reason from the closed set, and the rule that matched."""
+    """The outcome of the policy step: a verdict, a reason from the closed set, and the rule that matched.
+
+    :attr:`inspect` says whether an allowed connection must be inspected, and with which entries.
+    """
 
     verdict: Verdict
     reason: Reason
@@ -178,3 +188,12 @@ class Decision:
     @property
     def source(self) -> str | None:
         return self.rule.source if self.rule is not None else None
+
+    @property
+    def inspect(self) -> Inspect | None:
+        """The requests an allowed connection may make (the rule's ``inspect:``), or None: a blind tunnel.
+
+        When several inspected rules match, :func:`egressd.policy.decide.decide` gives the first of them with
+        the entries of all. Not a field, so that deciding a connection costs what it did before inspect mode.
+        """
+        return self.rule.inspect if self.rule is not None and self.reason is Reason.ALLOWED else None
