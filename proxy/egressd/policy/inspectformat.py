@@ -20,8 +20,7 @@ from typing import TypeVar
 
 from yaml.nodes import Node, SequenceNode
 
-from egressd.inspect import rules
-from egressd.inspect.rules import Inspect, InspectEntry, parse_method, parse_path
+from egressd.inspect import rules  # as a module: rules imports egressd.policy, which imports this through the loader
 from egressd.policy.nodes import File
 
 __all__ = ["ENTRY_KEYS", "parse_inspect"]
@@ -34,7 +33,7 @@ _T = TypeVar("_T")
 DENY_RULE = "deny rules refuse the whole name and are never inspected; remove inspect:, or move the rule to allow:"
 
 
-def parse_inspect(file: File, rule: Node, node: Node) -> Inspect | None:
+def parse_inspect(file: File, rule: Node, node: Node) -> rules.Inspect | None:
     """The ``inspect:`` value ``node`` of the allow rule ``rule``, or None after recording every error."""
     errors_before = len(file.errors)
     items = file.sequence(node, "inspect", EXAMPLE)
@@ -47,10 +46,10 @@ def parse_inspect(file: File, rule: Node, node: Node) -> Inspect | None:
         file.error(rule, unavailable)
     if len(file.errors) > errors_before or not entries:
         return None
-    return Inspect(tuple(entries))
+    return rules.Inspect(tuple(entries))
 
 
-def _entry(file: File, node: Node) -> InspectEntry | None:
+def _entry(file: File, node: Node) -> rules.InspectEntry | None:
     errors_before = len(file.errors)
     fields = file.mapping(node, "an inspect entry", ENTRY_KEYS)
     if fields is None:
@@ -59,12 +58,13 @@ def _entry(file: File, node: Node) -> InspectEntry | None:
     if missing and len(file.errors) == errors_before:
         file.error(node, f"an inspect entry needs {' and '.join(f'{key}:' for key in missing)}; write e.g. "
                          f"{EXAMPLE[1:-1]}")
-    methods = _list(file, fields["methods"][1], "methods", "[GET]", parse_method) if "methods" in fields else ()
-    paths = _list(file, fields["paths"][1], "paths", '["/repos/acme/**"]', parse_path) if "paths" in fields else ()
+    methods = _list(file, fields["methods"][1], "methods", "[GET]", rules.parse_method) if "methods" in fields else ()
+    paths = (_list(file, fields["paths"][1], "paths", '["/repos/acme/**"]', rules.parse_path)
+             if "paths" in fields else ())
     if len(file.errors) > errors_before or not methods or not paths:
         return None
     mark = node.start_mark
-    return InspectEntry(
+    return rules.InspectEntry(
         methods=frozenset(text for text, _ in methods), paths=tuple(text for text, _ in paths),
         compiled=tuple(value for _, value in paths), source=f"{file.path}:{mark.line + 1}", column=mark.column + 1,
     )
