@@ -154,6 +154,8 @@ class Proxy:
             task.cancel()
         self.admin.close()
         self.resolver.close()
+        if self.engine.inspector is not None:  # its last request records, then the worker process ends
+            await self.engine.inspector.close()
         await asyncio.gather(*self.background, return_exceptions=True)
         self.audit.flush()
         why = self.audit.unavailable

@@ -46,6 +46,10 @@ class Config:
     audit_checkpoint_records: int = 1000  # a checkpoint after this many records ...
     audit_checkpoint_seconds: float = 60.0  # ... or this long after the last one, when records were written
     audit_format: str = "native"  # native, ecs or ocsf
+    inspect_ca_cert: str | None = None  # inspect mode: the CA that signs the leaf certificates apps must trust
+    inspect_ca_key: str | None = None
+    inspect_upstream_ca: str | None = None  # verify origins against this instead of the system trust store
+    inspect_log_query: bool = False  # keep the query string in egress.request records
     header_timeout: float = 10.0
     hello_timeout: float = 10.0
     connect_timeout: float = 5.0
@@ -97,6 +101,9 @@ class Config:
             raise ConfigError("--dns-min-ttl must be between 0 and --dns-max-ttl")
         if self.audit_checkpoint_records < 1 or self.audit_checkpoint_seconds <= 0:
             raise ConfigError("--audit-checkpoint-records must be at least 1 and --audit-checkpoint-seconds positive")
+        if bool(self.inspect_ca_cert) != bool(self.inspect_ca_key):
+            raise ConfigError("give --inspect-ca-cert and --inspect-ca-key together ('egressd inspect-ca init DIR' "
+                              "makes a pair for trials)")
         if self.audit_format not in AUDIT_FORMATS:
             raise ConfigError(f"--audit-format must be one of {', '.join(AUDIT_FORMATS)}")
 

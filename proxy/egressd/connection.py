@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from egressd.audit import AuditLog
 from egressd.config import Config
@@ -30,10 +30,12 @@ from egressd.metrics import Metrics
 from egressd.policy.decide import decide
 from egressd.policy.model import Decision, IPNetwork, Policy, Reason
 from egressd.records import Record
-from egressd.relay import IdleSweeper, Side, splice
+from egressd.relay import IdleSweeper, Side, peer_address, splice
 from egressd.resolve import Resolver
 
-SO_PEERNAME = getattr(socket, "SO_PEERNAME", 28)  # Linux
+if TYPE_CHECKING:
+    from egressd.inspect.client import Inspector
+    from egressd.inspect.rules import Inspect
 
 Dial = Callable[[IPAddress, int], Awaitable[Side]]
 
@@ -52,31 +54,6 @@ class Client:
     address: str
     ip: str
     service: str | None
-
-
-def peer_address(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
-    """The client's (ip, port), as the kernel knows it from the accept.
-
-    ``getpeername`` fails once the client has reset the connection, which a
-    client can do right behind a complete request; ``SO_PEERNAME`` reads the
-    same address without that check (Linux keeps it on the socket until it is
-    closed). None only when neither answers.
-    """
-    peer = transport.get_extra_info("peername")
-    if peer:
-        return peer[0], peer[1]
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    v6 = sock.family == socket.AF_INET6
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERNAME, 28 if v6 else 16)
-    except OSError:
-        return None
-    port = int.from_bytes(raw[2:4], "big")
-    if v6:
-        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
-    return socket.inet_ntop(socket.AF_INET, raw[4:8]), port
 
 
 async def dial_tcp(ip: IPAddress, port: int) -> Side:
@@ -121,6 +98,7 @@ class Engine:
         self.per_client: dict[str, int] = {}  # open client connections by client IP
         self.capacity = config.max_connections  # lowered to what the file-descriptor limit allows, see fdlimit
         self.heads = HeadSlots(config.max_pending_heads)  # heads arriving: listeners read them through it
+        self.inspector: Inspector | None = None  # the inspection worker's client, made on the first inspected tunnel
         self.tunnels: dict[Side, Record] = {}  # spliced tunnels by client side: no task holds them
         self._idle: asyncio.Future[None] | None = None
         self._ids = itertools.count(1)
@@ -243,6 +221,33 @@ class Engine:
         ``original``: the address a redirected client dialled (transparent listener); the record says
         whether egressd's own answer held it. When it is one of the allowed answers it is tried first (the
         client's choice of family and front end is kept); otherwise it is never dialled."""
+        candidates = await self._pin(rec, dest, original)
+        return await self._dial(rec, dest, candidates)
+
+    async def inspect(self, rec: Record, dest: Destination, inspect: Inspect, original: IPAddress | None = None
+                      ) -> Side:
+        """An inspected tunnel: resolve and pin as :meth:`connect` does, then hand the tunnel to the inspection
+        worker (:mod:`egressd.inspect.client`), which dials the first pinned address itself and decides each
+        request; its Side is returned after the worker accepted the tunnel."""
+        candidates = await self._pin(rec, dest, original)
+        cfg = self.config
+        if not (cfg.inspect_ca_cert and cfg.inspect_ca_key):
+            raise UpstreamFailure(f"{rec.rule} inspects {dest.host}, and inspect mode needs --inspect-ca-cert and "
+                                  "--inspect-ca-key (the CA apps trust); nothing is forwarded uninspected")
+        if self.inspector is None:
+            from egressd.inspect.client import Inspector  # inspect mode is loaded only when a policy uses it
+
+            self.inspector = Inspector(cfg.inspect_ca_cert, cfg.inspect_ca_key, cfg.inspect_upstream_ca,
+                                       cfg.inspect_log_query, self.audit.emit, self.metrics)
+        started = time.perf_counter()
+        upstream = await self.inspector.open(rec, dest.host, candidates[0], dest.port, inspect, rec.service)
+        rec.connect_ms = (time.perf_counter() - started) * 1000
+        rec.upstream = join_host_port(ip_text(candidates[0]), dest.port)
+        rec.note("inspected: each request is decided by its method and path and has an egress.request record")
+        return upstream
+
+    async def _pin(self, rec: Record, dest: Destination, original: IPAddress | None) -> tuple[IPAddress, ...]:
+        """Resolve and classify dest's addresses into the record; the ones that may be dialled, in order."""
         pinned = await self.resolver.pin(dest, self._allow_cidrs())
         rec.resolved = [ip_text(ip) for ip in pinned.resolved]
         rec.dns_ms = pinned.dns_ms
@@ -260,6 +265,10 @@ class Engine:
             if not candidates:
                 raise Denied(Reason.FORBIDDEN_ADDRESS, f"{dest.host} resolves only to refused addresses: {refused}")
             rec.note("refused " + refused)
+        return candidates
+
+    async def _dial(self, rec: Record, dest: Destination, candidates: tuple[IPAddress, ...]) -> Side:
+        """Dial the candidates in order within --connect-timeout; the first that answers."""
         deadline = time.monotonic() + self.config.connect_timeout
         timed_out = False
         errors = []

@@ -16,7 +16,8 @@ have ended, or either connection is lost, both are closed; a connection reset
 is passed on as a reset (the peer is aborted, so it sees RST, not a clean end
 of stream). Idle tunnels are
 found by :class:`IdleSweeper`, which compares byte counters between sweeps
-instead of re-arming a timer per chunk.
+instead of re-arming a timer per chunk. :func:`peer_address` reads who is on
+the other end of an accepted connection, even once it has reset.
 """
 
 from __future__ import annotations
@@ -292,3 +293,31 @@ class IdleSweeper:
         while True:
             await asyncio.sleep(self.interval)
             self.sweep()
+
+
+SO_PEERNAME = getattr(socket, "SO_PEERNAME", 28)  # Linux
+
+
+def peer_address(transport: asyncio.BaseTransport) -> tuple[str, int] | None:
+    """The client's (ip, port), as the kernel knows it from the accept.
+
+    ``getpeername`` fails once the client has reset the connection, which a
+    client can do right behind a complete request; ``SO_PEERNAME`` reads the
+    same address without that check (Linux keeps it on the socket until it is
+    closed). None only when neither answers.
+    """
+    peer = transport.get_extra_info("peername")
+    if peer:
+        return peer[0], peer[1]
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    v6 = sock.family == socket.AF_INET6
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERNAME, 28 if v6 else 16)
+    except OSError:
+        return None
+    port = int.from_bytes(raw[2:4], "big")
+    if v6:
+        return socket.inet_ntop(socket.AF_INET6, raw[8:24]), port
+    return socket.inet_ntop(socket.AF_INET, raw[4:8]), port

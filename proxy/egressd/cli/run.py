@@ -117,6 +117,15 @@ def add_run_flags(parser: argparse.ArgumentParser, defaults: Defaults) -> None:
                         "without it they are chained but unsigned")
     parser.add_argument("--audit-format", choices=AUDIT_FORMATS, default=env_default("audit-format", "native"),
                         help="audit records as egressd's own fields, Elastic Common Schema or OCSF (native)")
+    parser.add_argument("--inspect-ca-cert", default=env_default("inspect-ca-cert"),
+                        help="inspect mode: the CA certificate (PEM) signing the leaves apps see; apps must trust it")
+    parser.add_argument("--inspect-ca-key", default=env_default("inspect-ca-key"),
+                        help="inspect mode: the CA's private key (PEM), readable by egressd's UID only")
+    parser.add_argument("--inspect-upstream-ca", default=env_default("inspect-upstream-ca"),
+                        help="inspect mode: verify origins against this CA bundle (default: the system trust store)")
+    parser.add_argument("--inspect-log-query", action="store_true",
+                        default=env_default("inspect-log-query", "") in ("1", "true", "yes"),
+                        help="inspect mode: keep query strings in egress.request records (default: path only)")
     parser.add_argument("--workers", type=int, default=env_default("workers", defaults.workers),
                         help=f"worker processes sharing the listen port ({defaults.workers})")
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
@@ -178,6 +187,10 @@ def config_from(args: argparse.Namespace) -> Config:
         audit_log=args.audit_log,
         audit_signing_key=args.audit_signing_key or None,
         audit_format=args.audit_format,
+        inspect_ca_cert=args.inspect_ca_cert or None,
+        inspect_ca_key=args.inspect_ca_key or None,
+        inspect_upstream_ca=args.inspect_upstream_ca or None,
+        inspect_log_query=args.inspect_log_query,
         workers=args.workers,
         reuse_port=args.reuse_port,
         control_fd=args.control_fd,

@@ -42,10 +42,11 @@ import dns.inet
 import dns.message
 import dns.rcode
 
-from egressd.connection import Engine, peer_address
+from egressd.connection import Engine
 from egressd.dnsfilter import Filter, Upstreams
 from egressd.hostport import join_host_port
 from egressd.limits import DNS_MAX_TCP_CONNECTIONS, heaviest
+from egressd.relay import peer_address
 
 TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP connection may go without a complete query (and nothing in flight)
 MAX_PIPELINE = 32  # queries of one TCP connection in flight

@@ -56,7 +56,8 @@ async def tunnel(engine: Engine, rec: Record, client: Side, target: Target) -> N
     rec.protocol = "connect"
     dest = target.dest
     decision = engine.authorize(rec, dest)
-    upstream = await engine.connect(rec, dest)
+    inspect = decision.inspect
+    upstream = await (engine.connect(rec, dest) if inspect is None else engine.inspect(rec, dest, inspect))
     try:
         rec.status = 200
         client.write(ESTABLISHED)

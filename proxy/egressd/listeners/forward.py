@@ -35,9 +35,11 @@ from __future__ import annotations
 import asyncio
 
 from egressd.connection import Engine
-from egressd.errors import BadRequest, ClientGone, UpstreamFailure, UpstreamTimeout
-from egressd.hostport import IPAddress
+from egressd.errors import BadRequest, ClientGone, Denied, UpstreamFailure, UpstreamTimeout
+from egressd.hostport import IPAddress, quoted
+from egressd.inspect.rules import Inspect, check_request
 from egressd.listeners.httpio import CLOSED, LAST_CHUNK, chunk, next_event, serialize
+from egressd.policy.model import Reason
 from egressd.records import Record
 from egressd.relay import Side
 from egressd.sniff.http import NO_BODY_STATUSES, Head, RequestParser, ResponseParser, forward_headers
@@ -80,6 +82,18 @@ class _Batch:
             await self.side.drain()
 
 
+def check_plain(rec: Record, inspect: Inspect, head: Head, target: Target) -> None:
+    """An inspected name's rules over a plain HTTP request: a note in the record, or Denied
+    ``request_not_allowed`` naming the method and path."""
+    method = head.method.decode("ascii", "replace")
+    verdict = check_request(inspect, method, target.path)
+    shown = verdict.path or quoted(target.path.decode("ascii", "replace"))
+    if not verdict.allowed:
+        why = verdict.refusal or f"no inspect: entry of {rec.rule} allows it"
+        raise Denied(Reason.REQUEST_NOT_ALLOWED, f"{method} {shown} is not allowed: {why}", dest=target.dest)
+    rec.note(f"{method} {shown} allowed by the inspect: entry at {verdict.entry.source if verdict.entry else '-'}")
+
+
 class Forwarder:
     """The plain-HTTP side of one client connection, with at most one kept-alive upstream."""
 
@@ -101,7 +115,9 @@ class Forwarder:
         rec.protocol = "http"
         rec.request = rec.request or 1
         dest = target.dest
-        self.engine.authorize(rec, dest)
+        inspect = self.engine.authorize(rec, dest).inspect
+        if inspect is not None:  # plain HTTP shows its method and path without interception: checked here
+            check_plain(rec, inspect, head, target)
         key = (dest.host, dest.port)
         if self.upstream is None or self.key != key or self.upstream.eof:
             self.close()
