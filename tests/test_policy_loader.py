@@ -116,7 +116,8 @@ CASES: dict[str, list[str]] = {
     "host_and_cidr": [f"host_and_cidr/payments-api.yaml:4: {_ONE_OF}"],
     "neither_host_nor_cidr": [f"neither_host_nor_cidr/payments-api.yaml:4: {_ONE_OF}"],
     "rule_not_mapping": [
-        "rule_not_mapping/payments-api.yaml:4: an allow rule must be a mapping with keys from: host, cidr, ports, tls, inspect"
+        "rule_not_mapping/payments-api.yaml:4: an allow rule must be a mapping with keys from: "
+        "host, cidr, ports, tls, inspect"
     ],
     "allow_empty_value": ["allow_empty_value/payments-api.yaml:3: allow must be a list; write allow: [] for none"],
     "empty_host": ["empty_host/payments-api.yaml:4: host is empty; give it a value"],
