@@ -37,15 +37,16 @@ def test_record_is_emitted_once(tmp_path):
 
 
 def test_every_field_name_is_a_module_constant():
-    """The keys of the connection, DNS, gap and checkpoint records are exactly the public constants of
+    """The keys of the connection, DNS, request, gap and checkpoint records are exactly the public constants of
     egressd.records."""
     constants = {
         v for k, v in vars(audit).items()
         if k.isupper() and not k.startswith("_") and isinstance(v, str) and not k.endswith("_EVENT")
     }
     dns = set(audit.DnsRecord(0.0, "svc", "127.0.0.1:1").fields())
+    request = set(audit.RequestRecord(0.0, "c1", "svc", "127.0.0.1:1").fields())
     chain = {audit.STREAM, audit.SEQ, audit.CHAIN}
-    records = set(make_record().fields()) | {audit.EVENT} | set(audit.GAP_FIELDS) | dns | chain
+    records = set(make_record().fields()) | {audit.EVENT} | set(audit.GAP_FIELDS) | dns | request | chain
     assert records | set(audit.CHECKPOINT_FIELDS) == constants
 
 

@@ -46,9 +46,14 @@ decide
     Host patterns and their index are :mod:`egressd.policy.match`, the Public
     Suffix List's safety rule :mod:`egressd.policy.suffixes`. A host rule's
     ``inspect:`` (read by :mod:`egressd.policy.inspectformat`) makes the
-    decision carry request rules; :mod:`egressd.inspect` holds inspect mode,
-    now its pure (method, path) check :mod:`egressd.inspect.rules`
-    (``check_request`` over ``normalize_path``). The review tools
+    decision carry request rules; :mod:`egressd.inspect` holds inspect mode:
+    its pure (method, path) check :mod:`egressd.inspect.rules`
+    (``check_request`` over ``normalize_path``), the engine's side
+    :mod:`egressd.inspect.client` (starts the worker, hands it pinned
+    tunnels, turns its lines into ``egress.request`` records), and the worker
+    process :mod:`egressd.inspect.worker` (mitmproxy embedded, with the addon
+    :mod:`egressd.inspect.addon` and the CA of :mod:`egressd.inspect.ca`,
+    ``egressd inspect-ca`` in :mod:`egressd.cli.inspect`). The review tools
     read the same policy: :mod:`egressd.policy.lint`, :mod:`egressd.policy.diff`
     (with :mod:`egressd.policy.revision`), :mod:`egressd.policy.policytest` and
     :mod:`egressd.policy.suggest`.

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from egressd.auditwriter import AuditWriter, log, write_to
 from egressd.policy.model import Reason
-from egressd.records import DETAIL, EVENT, GAP_EVENT, LAST_TS, REFUSED, TS, DnsRecord, Record, rfc3339
+from egressd.records import DETAIL, EVENT, GAP_EVENT, LAST_TS, REFUSED, TS, DnsRecord, Record, RequestRecord, rfc3339
 
 if TYPE_CHECKING:
     from egressd.auditchain import Chain
@@ -86,7 +86,7 @@ class AuditLog:
         """Checkpoints queued so far."""
         return self._chain.checkpoints
 
-    def emit(self, record: Record | DnsRecord) -> bool:
+    def emit(self, record: Record | DnsRecord | RequestRecord) -> bool:
         """Write the record unless it was written already; return whether this call wrote it."""
         if record.emitted:
             return False

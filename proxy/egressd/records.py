@@ -1,9 +1,9 @@
 """The records egressd writes and their field names: the constants below and nowhere else.
 
 :class:`Record` is one connection (or one forwarded HTTP request), :class:`DnsRecord` one query to the DNS
-filter; both are mutable while they live and turned into one JSON line, once, by
-:meth:`egressd.audit.AuditLog.emit`. The gap and checkpoint lines are built by :mod:`egressd.audit` and
-:mod:`egressd.auditchain` from the names here.
+filter, :class:`RequestRecord` one request inside an inspected TLS tunnel; all are mutable while they live and
+turned into one JSON line, once, by :meth:`egressd.audit.AuditLog.emit`. The gap and checkpoint lines are built
+by :mod:`egressd.audit` and :mod:`egressd.auditchain` from the names here.
 """
 
 from __future__ import annotations
@@ -52,6 +52,15 @@ QTYPE = "qtype"
 RCODE = "rcode"
 ANSWERS = "answers"  # [{"address": ..., "ttl": ...}] of the A/AAAA answers returned
 UPSTREAM_MS = "upstream_ms"
+
+# The record of one HTTP request decided inside an inspected TLS tunnel (RequestRecord): EVENT, TS, CONN_ID (the
+# tunnel's), SERVICE, CLIENT, HOST (the SNI), PORT, UPSTREAM (the pinned ip:port), REQUEST (1, 2, ... in the
+# tunnel), the fields below, STATUS, BYTES_UP, BYTES_DOWN (body bytes; bodies are never logged), DECISION,
+# REASON, DETAIL, RULE (the inspect entry that allowed it, else the host rule), POLICY_VERSION, DURATION_MS.
+REQUEST_EVENT = "egress.request"
+METHOD = "method"
+PATH = "path"  # the path as the client sent it, without the query string unless --inspect-log-query
+HTTP_VERSION = "http_version"  # HTTP/1.1, HTTP/2.0
 
 # The record of connections refused while records could not be written, past max_pending lines waiting:
 # event, ts (the first such refusal), last_ts, refused (how many), detail.
@@ -216,4 +225,63 @@ class DnsRecord:
             POLICY_VERSION: self.policy_version,
             UPSTREAM_MS: None if self.upstream_ms is None else round(self.upstream_ms, 3),
             LIMIT: self.limit,
+        }
+
+
+class RequestRecord:
+    """What one request inside an inspected TLS tunnel did (reported by the inspection worker); emitted once."""
+
+    __slots__ = (
+        "started", "conn_id", "service", "client", "host", "port", "upstream", "request", "method", "path",
+        "http_version", "status", "bytes_up", "bytes_down", "decision", "reason", "detail", "rule",
+        "policy_version", "duration_ms", "emitted",
+    )
+
+    event = REQUEST_EVENT
+
+    def __init__(self, started: float, conn_id: str, service: str | None, client: str | None) -> None:
+        self.started = started
+        self.conn_id = conn_id
+        self.service = service
+        self.client = client
+        self.host: str | None = None
+        self.port: int | None = None
+        self.upstream: str | None = None
+        self.request: int | None = None
+        self.method: str | None = None
+        self.path: str | None = None
+        self.http_version: str | None = None
+        self.status: int | None = None
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.decision = "deny"
+        self.reason = "bad_request"
+        self.detail: str | None = None
+        self.rule: str | None = None
+        self.policy_version: str | None = None
+        self.duration_ms = 0.0
+        self.emitted = False
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            TS: rfc3339(self.started),
+            CONN_ID: self.conn_id,
+            SERVICE: self.service,
+            CLIENT: self.client,
+            HOST: self.host,
+            PORT: self.port,
+            UPSTREAM: self.upstream,
+            REQUEST: self.request,
+            METHOD: self.method,
+            PATH: self.path,
+            HTTP_VERSION: self.http_version,
+            STATUS: self.status,
+            BYTES_UP: self.bytes_up,
+            BYTES_DOWN: self.bytes_down,
+            DECISION: self.decision,
+            REASON: self.reason,
+            DETAIL: self.detail,
+            RULE: self.rule,
+            POLICY_VERSION: self.policy_version,
+            DURATION_MS: round(self.duration_ms, 3),
         }

@@ -14,6 +14,7 @@
 ``egressd demo``      the offline demo (its own DNS server and HTTPS origins; ``--sidecar``: in a simulated pod)
 ``egressd init-iptables``  install the pod's iptables rules, in an init container (:mod:`egressd.cli.iptables`)
 ``egressd inject-webhook``  the mutating admission webhook that injects the sidecar (:mod:`egressd.cli.webhook`)
+``egressd inspect-ca init DIR``  make a CA for trying inspect mode (:mod:`egressd.cli.inspect`)
 ``egressd allowlist-sync``  copy the allowlist ConfigMap into every namespace labelled for injection
                             (:mod:`egressd.cli.sync`)
 """
@@ -25,7 +26,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from egressd.cli import audit, iptables, policy, policytest, review, run, suggest, sync, webhook
+from egressd.cli import audit, inspect, iptables, policy, policytest, review, run, suggest, sync, webhook
 from egressd.config import ConfigError, env_default
 
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     iptables.add_parser(sub)
     webhook.add_parser(sub)
     sync.add_parser(sub)
+    inspect.add_parser(sub)
     demo = sub.add_parser("demo", help="run the offline demo and print each decision")
     demo.add_argument("--serve", action="store_true", help="keep the demo proxy up for your own curl -x")
     demo.add_argument("--sidecar", action="store_true",
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 _HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": policy.cmd_validate, "check": policy.cmd_check, "diff": review.cmd, "test": policytest.cmd,
     "suggest": suggest.cmd, "audit": audit.cmd, "init-iptables": iptables.cmd_init, "inject-webhook": webhook.cmd,
-    "allowlist-sync": sync.cmd,
+    "allowlist-sync": sync.cmd, "inspect-ca": inspect.cmd,
 }
 
 
