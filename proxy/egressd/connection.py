@@ -215,21 +215,23 @@ class Engine:
         rec.decision = "allow"
         return decision
 
-    async def connect(self, rec: Record, dest: Destination, original: IPAddress | None = None) -> Side:
+    async def connect(self, rec: Record, dest: Destination, original: IPAddress | None = None,
+                      inspect: Inspect | None = None) -> Side:
         """Resolve and pin dest's addresses, dial them in order, return the connected upstream Side.
 
         ``original``: the address a redirected client dialled (transparent listener); the record says
         whether egressd's own answer held it. When it is one of the allowed answers it is tried first (the
-        client's choice of family and front end is kept); otherwise it is never dialled."""
-        candidates = await self._pin(rec, dest, original)
-        return await self._dial(rec, dest, candidates)
+        client's choice of family and front end is kept); otherwise it is never dialled.
 
-    async def inspect(self, rec: Record, dest: Destination, inspect: Inspect, original: IPAddress | None = None
-                      ) -> Side:
-        """An inspected tunnel: resolve and pin as :meth:`connect` does, then hand the tunnel to the inspection
-        worker (:mod:`egressd.inspect.client`), which dials the first pinned address itself and decides each
-        request; its Side is returned after the worker accepted the tunnel."""
+        ``inspect`` (the decision's): the tunnel goes to the inspection worker instead
+        (:mod:`egressd.inspect.client`), which dials the first pinned address itself and decides each request;
+        the Side returned is the worker's, once it accepted the tunnel."""
         candidates = await self._pin(rec, dest, original)
+        if inspect is None:
+            return await self._dial(rec, dest, candidates)
+        return await self._inspect(rec, dest, candidates[0], inspect)
+
+    async def _inspect(self, rec: Record, dest: Destination, ip: IPAddress, inspect: Inspect) -> Side:
         cfg = self.config
         if not (cfg.inspect_ca_cert and cfg.inspect_ca_key):
             raise UpstreamFailure(f"{rec.rule} inspects {dest.host}, and inspect mode needs --inspect-ca-cert and "
@@ -240,9 +242,9 @@ class Engine:
             self.inspector = Inspector(cfg.inspect_ca_cert, cfg.inspect_ca_key, cfg.inspect_upstream_ca,
                                        cfg.inspect_log_query, self.audit.emit, self.metrics)
         started = time.perf_counter()
-        upstream = await self.inspector.open(rec, dest.host, candidates[0], dest.port, inspect, rec.service)
+        upstream = await self.inspector.open(rec, dest.host, ip, dest.port, inspect, rec.service)
         rec.connect_ms = (time.perf_counter() - started) * 1000
-        rec.upstream = join_host_port(ip_text(candidates[0]), dest.port)
+        rec.upstream = join_host_port(ip_text(ip), dest.port)
         rec.note("inspected: each request is decided by its method and path and has an egress.request record")
         return upstream
 

@@ -56,8 +56,7 @@ async def tunnel(engine: Engine, rec: Record, client: Side, target: Target) -> N
     rec.protocol = "connect"
     dest = target.dest
     decision = engine.authorize(rec, dest)
-    inspect = decision.inspect
-    upstream = await (engine.connect(rec, dest) if inspect is None else engine.inspect(rec, dest, inspect))
+    upstream = await engine.connect(rec, dest, inspect=decision.inspect)
     try:
         rec.status = 200
         client.write(ESTABLISHED)

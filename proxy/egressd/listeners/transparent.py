@@ -281,12 +281,8 @@ def nameless(client: Side, kind: First, timeout: float) -> str:
 async def tunnel(engine: Engine, rec: Record, client: _Client, dest: Destination) -> None:
     """Decide dest (a name, or the original address under a cidr: rule), dial egressd's own answer and hand
     the pair to the relay; the bytes the client sent so far (its ClientHello) go upstream first."""
-    inspect = engine.authorize(rec, dest).inspect
-    original = client.original[0]
-    if inspect is None:
-        upstream = await engine.connect(rec, dest, original)
-    else:
-        upstream = await engine.inspect(rec, dest, inspect, original)
+    decision = engine.authorize(rec, dest)
+    upstream = await engine.connect(rec, dest, client.original[0], decision.inspect)
     if client.lost:
         rec.note("the client closed the connection before it was connected")
     engine.splice(rec, client, upstream)
