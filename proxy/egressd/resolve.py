@@ -130,17 +130,15 @@ class Resolver:
         if v4 is not None and v6 is not None:
             self._metrics.dns_cache["hit"] += 1
             return self._answer(name, v4, v6), None, v4.dropped + v6.dropped
+        self._metrics.dns_cache["miss"] += 1
         started = time.perf_counter()
         task = self._inflight.get(name)
         if task is None:
             if len(self._inflight) >= self.max_pending:
                 raise LimitExceeded(MAX_PENDING_LOOKUPS, f"{len(self._inflight)} names are being looked up")
-            self._metrics.dns_cache["miss"] += 1
             task = asyncio.get_running_loop().create_task(self._query(name, started))
             self._inflight[name] = task
             task.add_done_callback(functools.partial(self._finished, name))
-        else:
-            self._metrics.dns_cache["miss"] += 1
         v4, v6 = await asyncio.shield(task)
         return self._answer(name, v4, v6), (time.perf_counter() - started) * 1000, v4.dropped + v6.dropped
 
@@ -230,17 +228,15 @@ class Resolver:
 
     def _trim(self, found: dict[int, list[IPAddress]], known: dict[int, _Entry | None]) -> dict[int, tuple]:
         """Per family (addresses kept, how many dropped): the first ``max_addresses`` of the name's answers, IPv4
-        and IPv6 alternately; a family still cached counts with what it keeps."""
-        room = {f: len(e.addresses) for f, e in known.items() if e is not None}
-        quota = {f: 0 for f in found}
-        left = self.max_addresses - sum(room.values())
-        while left > 0 and any(quota[f] < len(found[f]) for f in found):
-            for f in found:
-                if left > 0 and quota[f] < len(found[f]):
-                    quota[f] += 1
-                    left -= 1
-        return {f: (tuple(found.get(f, ())[:quota.get(f, 0)]), len(found.get(f, ())) - quota.get(f, 0))
-                for f in (4, 6)}
+        and IPv6 alternately (:func:`_interleave`); a family still cached counts with what it keeps."""
+        room = self.max_addresses - sum(len(e.addresses) for e in known.values() if e is not None)
+        kept = set(_interleave([*found.get(4, ()), *found.get(6, ())])[:max(room, 0)])
+        out = {}
+        for family in (4, 6):
+            answers = found.get(family, ())
+            ips = tuple(ip for ip in answers if ip in kept)
+            out[family] = (ips, len(answers) - len(ips))
+        return out
 
     def _keep(self, name: str, learnt: dict[int, _Entry], known: dict[int, _Entry | None]) -> _Pair:
         """Store the learnt entries, except where a seed arrived while the query was out; return (A, AAAA)."""
