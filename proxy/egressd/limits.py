@@ -111,25 +111,26 @@ class HeadSlots:
         self._count += 1
 
     def _end(self, side: Side, ip: str) -> LimitExceeded | None:
+        self._remove(side, ip)
+        return self._evicted.pop(side, None)
+
+    def _remove(self, side: Side, ip: str) -> None:
         heads = self._clients.get(ip)
         if heads is not None and heads.pop(side, None) is not None:
             self._count -= 1
             if not heads:
                 del self._clients[ip]
-        return self._evicted.pop(side, None)
 
     def _evict(self) -> None:
         ip = heaviest(self._clients)
         heads = self._clients[ip]
+        from_ip = len(heads)
         side, since = next(iter(heads.items()))
-        del heads[side]
-        if not heads:
-            del self._clients[ip]
-        self._count -= 1
+        self._remove(side, ip)
         self._evicted[side] = LimitExceeded(
             MAX_PENDING_HEADS,
             f"the head was still incomplete after {self._clock() - since:.1f}s while {self.limit} heads were "
-            f"arriving, {len(heads) + 1} of them from {ip}, the client with the most; its oldest was reset",
+            f"arriving, {from_ip} of them from {ip}, the client with the most; its oldest was reset",
         )
         side.abort()
 

@@ -91,7 +91,7 @@ def check_plain(rec: Record, inspect: Inspect, head: Head, target: Target) -> No
     if not verdict.allowed:
         why = verdict.refusal or f"no inspect: entry of {rec.rule} allows it"
         raise Denied(Reason.REQUEST_NOT_ALLOWED, f"{method} {shown} is not allowed: {why}", dest=target.dest)
-    rec.note(f"{method} {shown} allowed by the inspect: entry at {verdict.entry.source if verdict.entry else '-'}")
+    rec.note(f"{method} {shown} allowed by the inspect: entry at {verdict.source}")
 
 
 class Forwarder:
