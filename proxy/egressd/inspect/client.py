@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import os
 import secrets
@@ -65,8 +66,10 @@ def encode_inspect(inspect: Inspect, rule: str | None) -> str:
     return base64.urlsafe_b64encode(json.dumps(data, separators=(",", ":")).encode()).decode("ascii")
 
 
+@functools.lru_cache(maxsize=256)
 def decode_inspect(value: str) -> tuple[Inspect, str | None]:
-    """The rules and the host rule's file:line back from :func:`encode_inspect`; ValueError if malformed."""
+    """The rules and the host rule's file:line back from :func:`encode_inspect`; ValueError if malformed.
+    Remembered by value: every tunnel of a rule carries the same header, and the values are immutable."""
     try:
         data = json.loads(base64.urlsafe_b64decode(value.encode("ascii")))
         entries = tuple(
