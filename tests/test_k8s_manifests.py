@@ -597,6 +597,23 @@ def test_gateway_deployment(gateway: list[Obj]) -> None:
     assert workers is not None and int(workers) <= float(c["resources"]["limits"]["cpu"])
 
 
+def test_gateway_inspection_ca_is_an_optional_secret_readable_by_egressd_alone(gateway: list[Obj]) -> None:
+    """Inspect mode's CA comes from the Secret egressd-inspect-ca, mounted read-only where the flags point, its
+    files readable by egressd's group and no one else (egressd refuses a CA key others may read); optional, so a
+    gateway without inspect: rules starts without it (and refuses inspected names if a rule comes)."""
+    spec = spec_of(find(gateway, "Deployment", "egressd-gateway"))
+    c = container(gateway, "egressd-gateway", "egressd")
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "inspect-ca"]
+    assert volume["secret"]["secretName"] == "egressd-inspect-ca" and volume["secret"]["optional"] is True
+    mode = volume["secret"]["defaultMode"]
+    assert mode & 0o007 == 0 and mode & 0o040 and spec["securityContext"]["fsGroup"] == kube.PROXY_UID
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "inspect-ca"]
+    assert mount["readOnly"] is True
+    args = gateway_args(gateway)
+    assert flag(args, "--inspect-ca-cert") == f"{mount['mountPath']}/tls.crt"
+    assert flag(args, "--inspect-ca-key") == f"{mount['mountPath']}/tls.key"
+
+
 def test_hpa_scales_the_gateway(gateway: list[Obj]) -> None:
     """The autoscaler scales the gateway Deployment on CPU, from its replica count up to 12."""
     hpa = find(gateway, "HorizontalPodAutoscaler", "egressd-gateway")
