@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from egressd import kube, metrics
+from egressd import kube, limits, metrics
 from egressd.listeners import explicit, transparent
 from egressd.policy.model import Reason
 
@@ -42,6 +42,7 @@ ALERTS = {
     "EgressdAuditWriteFailing": ("job", "namespace", "pod"),
     "EgressdAllowlistSyncFailing": ("job", "namespace", "pod", "reason"),
     "EgressdAllowlistCopyUnmanaged": ("job", "namespace", "reason"),
+    "EgressdLimitActing": ("job", "namespace", "pod", "limit"),
 }
 
 # Closed label values (see egressd.metrics and the modules that count): label -> values, or per metric.
@@ -62,6 +63,7 @@ CLOSED = {
     "decision": {"allow", "deny"},
     "direction": {"up", "down"},
     "listener": {explicit.LISTENER, transparent.LISTENER},
+    "limit": set(limits.LIMITS),
 }
 OTHER_METRICS = {"up", "kube_deployment_spec_replicas", "kube_deployment_status_replicas_available"}
 # The allowlist sync's own metrics (its job only).
