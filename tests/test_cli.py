@@ -264,6 +264,20 @@ def test_demo_runs_offline_and_exits_0():
     assert 'egressd_denials_total{reason="forbidden_address",service="payments-api"} 1.0' in out.stdout
 
 
+@pytest.mark.isolated
+def test_demo_inspect_decides_requests_by_method_and_path_and_exits_0():
+    """egressd demo --inspect: allowed requests reach the origin through the worker, others get 403 inside the
+    tunnel, each with an egress.request record; on Python 3.11 it says why it cannot run."""
+    out = egressd("demo", "--inspect", timeout=120)
+    if sys.version_info < (3, 12):
+        assert out.returncode == 2 and "Python 3.12" in out.stdout, out.stdout + out.stderr
+        return
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "5/5 requests decided as expected" in out.stdout
+    assert out.stdout.count('"reason": "request_not_allowed"') == 3
+    assert "demo-origin saw POST /repos/acme/widgets/issues" in out.stdout
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="the sidecar demo makes network namespaces and iptables rules: root")
 def test_demo_sidecar_runs_in_a_simulated_pod_and_exits_0():
     """egressd demo --sidecar shows every way out of the pod refused or allowed as expected, and exits 0."""

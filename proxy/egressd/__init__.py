@@ -89,7 +89,8 @@ for ``suggest``, :mod:`egressd.cli.audit` for ``audit verify``/``audit keygen``,
 and :mod:`egressd.cli.sync` for the injector's two processes), and
 :mod:`egressd.demo` with the stand-ins of :mod:`egressd.lab` on loopback, or
 :mod:`egressd.demo_sidecar` in the simulated pod of :mod:`egressd.lab.pod`
-(namespaces from :mod:`egressd.lab.netns`).
+(namespaces from :mod:`egressd.lab.netns`), or :mod:`egressd.demo_inspect` for
+inspect mode.
 
 In Kubernetes (names shared with ``k8s/`` in :mod:`egressd.kube`): the
 admission webhook of :mod:`egressd.webhook` answers each new pod with

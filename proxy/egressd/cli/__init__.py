@@ -11,7 +11,8 @@
 ``egressd suggest``   propose allowlist additions from audit records (:mod:`egressd.cli.suggest`)
 ``egressd audit verify``  check the chain and signed checkpoints of audit logs; ``audit keygen`` makes the
                       signing key (:mod:`egressd.cli.audit`)
-``egressd demo``      the offline demo (its own DNS server and HTTPS origins; ``--sidecar``: in a simulated pod)
+``egressd demo``      the offline demo (its own DNS server and HTTPS origins; ``--sidecar``: in a simulated pod;
+                      ``--inspect``: inspect mode)
 ``egressd init-iptables``  install the pod's iptables rules, in an init container (:mod:`egressd.cli.iptables`)
 ``egressd inject-webhook``  the mutating admission webhook that injects the sidecar (:mod:`egressd.cli.webhook`)
 ``egressd inspect-ca init DIR``  make a CA for trying inspect mode (:mod:`egressd.cli.inspect`)
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sidecar", action="store_true",
                       help="sidecar mode in a simulated pod: init-iptables, egressd sidecar, an app with no proxy "
                       "settings (root)")
+    demo.add_argument("--inspect", action="store_true",
+                      help="inspect mode: requests to an allowed name decided by method and path (Python 3.12+)")
     demo.add_argument("--listen", default="127.0.0.1:3128", help="proxy address with --serve")
     demo.add_argument("--allowlists", default=env_default("allowlists", "allowlists"))
     return parser
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         handler = _HANDLERS.get(args.command)
         if handler is not None:
             return handler(args)
+        if args.command == "demo" and args.inspect:
+            from egressd import demo_inspect
+
+            return demo_inspect.main()
         if args.command == "demo" and args.sidecar:
             from egressd import demo_sidecar
 
