@@ -32,12 +32,17 @@ dns.question.top_level_domain dns.question.type dns.resolved_ip dns.response_cod
 event.agent_id_status event.category event.code event.created event.dataset event.duration event.end event.hash event.id
 event.ingested event.kind event.module event.original event.outcome event.provider event.reason event.reference
 event.risk_score event.risk_score_norm event.sequence event.severity event.start event.timezone event.type event.url
-http.response.status_code message network.application network.bytes network.community_id network.direction
+http.request.body.bytes http.request.body.content http.request.body.content.text http.request.bytes http.request.id
+http.request.method http.request.mime_type http.request.referrer http.response.body.bytes http.response.body.content
+http.response.body.content.text http.response.bytes http.response.mime_type http.response.status_code http.version
+message network.application network.bytes network.community_id network.direction
 network.forwarded_ip network.iana_number network.inner network.inner.vlan.id network.inner.vlan.name network.name
 network.packets network.protocol network.transport network.type network.vlan.id network.vlan.name observer.product
 observer.type observer.vendor rule.author rule.category rule.description rule.id rule.license rule.name rule.reference
 rule.ruleset rule.uuid rule.version service.origin.name source.address source.bytes source.domain source.ip source.mac
 source.packets source.port source.registered_domain source.subdomain source.top_level_domain tls.client.server_name
+url.domain url.extension url.fragment url.full url.full.text url.original url.original.text url.password url.path
+url.port url.query url.registered_domain url.scheme url.subdomain url.top_level_domain url.username
 """.split())
 # ECS 8.11.0, generated/ecs/ecs_flat.yml: allowed (or expected) values.
 ECS_VALUES = {
@@ -60,6 +65,7 @@ severity_id src_endpoint start_time status status_code status_detail status_id t
 type_name type_uid unmapped"""
 OCSF_CLASSES = {
     4001: set((_NETWORK + " url").split()),
+    4002: set((_NETWORK + " file http_cookies http_request http_response http_status").split()),
     4003: set((_NETWORK + " answers query query_time rcode rcode_id response_time").split()),
     0: set("""activity_id activity_name api category_name category_uid class_name class_uid cloud count duration
 end_time enrichments message metadata observables osint raw_data severity severity_id start_time status status_code
@@ -82,21 +88,29 @@ OCSF_OBJECTS = {
            "key_length sans server_ciphers sni tls_extension_list version",
     "dns_query": "class hostname opcode opcode_id packet_uid type",
     "dns_answer": "class flag_ids flags packet_uid rdata ttl type",
+    "http_request": "args http_headers http_method length referrer uid url user_agent version x_forwarded_for",
+    "http_response": "code content_type http_headers latency length message status",
+    "url": "categories category_ids domain hostname path port query_string resource_type scheme subdomain url_string",
 }
 OCSF_TYPES = {  # attribute -> object type, for the attributes written
     "metadata": "metadata", "product": "product", "src_endpoint": "network_endpoint",
     "dst_endpoint": "network_endpoint",
     "connection_info": "network_connection_info", "traffic": "network_traffic", "firewall_rule": "firewall_rule",
-    "tls": "tls", "query": "dns_query", "answers": "dns_answer",
+    "tls": "tls", "query": "dns_query", "answers": "dns_answer", "http_request": "http_request",
+    "http_response": "http_response", "url": "url",
 }
 OCSF_TIMESTAMPS = {"time", "start_time", "end_time", "query_time", "response_time"}  # the datetime profile adds *_dt
 OCSF_ENUMS = {  # attribute: {id: caption} (dictionary.json, and the classes' activity_id)
     "action_id": {1: "Allowed", 2: "Denied"}, "disposition_id": {1: "Allowed", 2: "Blocked"},
     "status_id": {1: "Success", 2: "Failure"}, "severity_id": {1: "Informational"},
 }
-OCSF_ACTIVITIES = {4001: {2: "Close", 5: "Refuse"}, 4003: {2: "Response"}, 0: {99: "Other"}}
-OCSF_CAPTIONS = {4001: ("Network Activity", 4, "Network Activity"), 4003: ("DNS Activity", 4, "Network Activity"),
-                 0: ("Base Event", 0, "Uncategorized")}
+OCSF_ACTIVITIES = {
+    4001: {2: "Close", 5: "Refuse"}, 4003: {2: "Response"}, 0: {99: "Other"},
+    4002: {0: "Unknown", 1: "Connect", 2: "Delete", 3: "Get", 4: "Head", 5: "Options", 6: "Post", 7: "Put", 8: "Trace",
+           99: "Other"},
+}
+OCSF_CAPTIONS = {4001: ("Network Activity", 4, "Network Activity"), 4002: ("HTTP Activity", 4, "Network Activity"),
+                 4003: ("DNS Activity", 4, "Network Activity"), 0: ("Base Event", 0, "Uncategorized")}
 
 
 def connection(**changes: Any) -> dict[str, Any]:
@@ -110,6 +124,15 @@ def dns_record(**changes: Any) -> dict[str, Any]:
     rec.qname, rec.qtype, rec.rcode, rec.decision, rec.reason = "api.test", "AAAA", "NOERROR", "allow", "allowed"
     rec.answers, rec.upstream_ms, rec.policy_version = [{"address": "2001:db8::1", "ttl": 30}], 1.25, "abc"
     return {**rec.fields(), audit.EVENT: rec.event, "stream": "pod/1/t", "seq": 2, **changes}
+
+
+def request(**changes: Any) -> dict[str, Any]:
+    rec = audit.RequestRecord(1_700_000_000.75, "c9", "svc", "10.1.0.9:40009")
+    rec.host, rec.port, rec.upstream, rec.request = "api.test", 443, "[2001:db8::2]:443", 2
+    rec.method, rec.path, rec.http_version, rec.status = "GET", "/v1/items", "HTTP/2.0", 200
+    rec.bytes_up, rec.bytes_down, rec.decision, rec.reason = 12, 3400, "allow", "allowed"
+    rec.rule, rec.policy_version, rec.duration_ms = "svc.yaml:7", "abc", 12.5
+    return {**rec.fields(), audit.EVENT: rec.event, "stream": "pod/1/t", "seq": 4, **changes}
 
 
 def checkpoint(signed: bool) -> dict[str, Any]:
@@ -133,13 +156,21 @@ RECORDS = {
     "dns-allowed": dns_record(answers=[{"address": "192.0.2.1", "ttl": 5}, {"address": "2001:db8::1", "ttl": 30}]),
     "dns-denied": dns_record(decision="deny", reason="not_allowlisted", rcode="NXDOMAIN", answers=[],
                              upstream_ms=None),
+    "request-allowed": request(),
+    "request-with-query": request(method="POST", path="/v1/items?page=2&q=", http_version="HTTP/1.1"),
+    "request-refused": request(method="DELETE", path="/admin", decision="deny", reason="request_not_allowed",
+                               status=403, bytes_down=0, detail="DELETE /admin: no inspect entry allows it",
+                               rule="svc.yaml:5"),
+    "request-host-mismatch": request(method="PATCH", decision="deny", reason="host_mismatch", status=421),
+    "request-bad": request(method=None, path=None, http_version=None, status=None, decision="deny",
+                           reason="bad_request", upstream=None, request=None, rule=None),
     "gap": {"event": audit.GAP_EVENT, "ts": "2026-11-23T05:21:12.123456Z", "last_ts": "2026-11-23T05:22:00.000001Z",
             "refused": 12, "detail": "12 connections refused", "stream": "pod/1/t", "seq": 9},
     "checkpoint-signed": checkpoint(True),
     "checkpoint-unsigned": checkpoint(False),
 }
 UNKNOWN = {
-    "future-event": {"event": "egress.request", "ts": "2026-11-23T05:21:12.123456Z", "method": "GET",
+    "future-event": {"event": "egress.tomorrow", "ts": "2026-11-23T05:21:12.123456Z", "method": "GET",
                      "path": "/x", "stream": "pod/1/t", "seq": 3, "nothing": None},
     "future-field": connection(limit="per_client"),
 }
@@ -175,26 +206,30 @@ def leaves(value: Any, path: str = "") -> set[str]:
     return {path}
 
 
-def documented() -> tuple[dict[str, dict[str, tuple[set[str], set[str]]]], dict[str, set[str]]]:
-    """docs/forensics.md: per format, native field -> (paths, record types); and the derived fields' paths."""
+Row = tuple[str, set[str], set[str]]  # a documented place: native field, its paths, the record types
+
+
+def documented() -> tuple[dict[str, list[Row]], dict[str, set[str]]]:
+    """docs/forensics.md: per format, its rows (a native field placed differently per record type has one row per
+    place); and the derived fields' paths."""
     text = DOCS.read_text()
-    tables: dict[str, dict[str, tuple[set[str], set[str]]]] = {}
+    tables: dict[str, list[Row]] = {}
     derived: dict[str, set[str]] = {}
     for fmt, heading in (("ecs", "### ECS"), ("ocsf", "### OCSF")):
         section = text[text.index(heading):]
         section = section[: section.index("\n### ", 5)] if "\n### " in section[5:] else section
         rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `")]
-        tables[fmt] = {
-            row[0].strip("| `"): (set(re.findall(r"`([^`]+)`", row[1])), {x.strip() for x in row[2].split(",")})
+        tables[fmt] = [
+            (row[0].strip("| `"), set(re.findall(r"`([^`]+)`", row[1])), {x.strip() for x in row[2].split(",")})
             for row in rows if len(row) == 4
-        }
+        ]
         derived[fmt] = {p for row in rows if len(row) == 2 for p in re.findall(r"`([^`]+)`", row[0])}
     return tables, derived
 
 
 def allowed_paths(fmt: str) -> set[str]:
     tables, derived = documented()
-    return {p for paths, _ in tables[fmt].values() for p in paths} | derived[fmt]
+    return {p for _, paths, _ in tables[fmt] for p in paths} | derived[fmt]
 
 
 def is_documented(path: str, allowed: set[str]) -> bool:
@@ -267,23 +302,23 @@ def test_ocsf_ids_and_captions_are_the_published_ones(name):
 
 @pytest.mark.parametrize("fmt", ["ecs", "ocsf"])
 def test_the_docs_tables_are_the_codes_tables(fmt):
-    """Each documented row names the code's place for that native field (its paths under it) and the same record
-    types; no place is undocumented, no row stale."""
+    """Each documented row names one of the code's places for that native field (its paths under it) and the record
+    types that place serves; no place is undocumented, no row stale."""
     mapping = {"ecs": ECS, "ocsf": OCSF}[fmt]
-    code: dict[str, tuple[str, set[str]]] = {}
+    code: dict[tuple[str, str], set[str]] = {}  # (native field, path) -> record types
     for place in mapping.common:
-        code[place.native] = (".".join(place.path), {"all"})
+        code[(place.native, ".".join(place.path))] = {"all"}
     for event, table in mapping.events.items():
         for place in table.places:
-            path, kinds = code.setdefault(place.native, (".".join(place.path), set()))
-            assert path == ".".join(place.path), place.native
-            kinds.add(event.removeprefix("egress."))
-    tables, _ = documented()
-    assert set(tables[fmt]) == set(code)
-    for native, (paths, kinds) in tables[fmt].items():
-        path, code_kinds = code[native]
-        assert kinds == code_kinds, native
-        assert all(p == path or p.startswith(path + ".") for p in paths), (native, paths, path)
+            code.setdefault((place.native, ".".join(place.path)), set()).add(event.removeprefix("egress."))
+    docs: dict[tuple[str, str], set[str]] = {}
+    for native, paths, kinds in documented()[0][fmt]:
+        under = [path for name, path in code if name == native and all(p == path or p.startswith(path + ".")
+                                                                          for p in paths)]
+        assert len(under) == 1, (native, paths, under)
+        assert (native, under[0]) not in docs, f"two rows for {native} at {under[0]}"
+        docs[(native, under[0])] = kinds
+    assert docs == code
 
 
 @pytest.mark.parametrize(
@@ -316,6 +351,81 @@ def test_any_connection_record_round_trips_and_its_chain_verifies(changes, fmt):
     lines = [chain.record(dict(native)), chain.checkpoint(1.0, final=True)]
     report = verify([Line(f"l:{n}", raw) for n, raw in enumerate(lines, 1)], detect=detect, require_final=True)
     assert report.ok and not report.findings, report.findings
+
+
+requests = st.fixed_dictionaries({
+    "method": st.none() | texts | st.sampled_from(["GET", "PATCH", "get"]),
+    "path": st.none() | texts | st.sampled_from(["/a?b=1", "/a?", "?", "/a?b?c", ""]),
+    "http_version": st.none() | texts | st.sampled_from(["HTTP/1.1", "HTTP/2.0", "HTTP/"]),
+    "status": st.none() | st.integers(100, 599), "bytes_up": st.integers(0, 2**53), "detail": st.none() | texts,
+    "decision": st.sampled_from(["allow", "deny"]), "duration_ms": st.integers(0, 10**9).map(lambda n: n / 1000),
+})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(changes=requests, fmt=st.sampled_from(["ecs", "ocsf"]))
+def test_any_request_record_round_trips(changes, fmt):
+    """Whatever method, target (with or without a query) and version a request holds, its mapping reads back
+    unchanged."""
+    native = request(**changes)
+    layout = FORMATS[fmt]
+    assert layout.to_native(layout.to_format(dict(native))) == {**native, "chain": None}
+
+
+def dig(record: dict[str, Any], path: str) -> Any:
+    node: Any = record
+    for key in path.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return node
+
+
+@pytest.mark.parametrize(
+    ("fmt", "path", "expected"),
+    [
+        ("ecs", "event.category", ["network", "web"]), ("ecs", "event.type", ["access", "allowed"]),
+        ("ecs", "event.action", "egress.request"), ("ecs", "http.request.method", "POST"),
+        ("ecs", "url", {"path": "/v1/items", "query": "page=2&q="}), ("ecs", "http.version", "1.1"),
+        ("ecs", "http.response.status_code", 200), ("ecs", "http.request.body.bytes", 12),
+        ("ecs", "http.response.body.bytes", 3400), ("ecs", "destination.address", "api.test"),
+        ("ecs", "destination.domain", "api.test"), ("ecs", "destination.ip", "2001:db8::2"),
+        ("ecs", "destination.port", 443), ("ecs", "network.protocol", "http"), ("ecs", "event.duration", 12_500_000),
+        ("ecs", "egressd", {"conn_id": "c9", "request": 2, "upstream": "[2001:db8::2]:443", "http_version": "HTTP/1.1",
+                            "stream": "pod/1/t"}),
+        ("ocsf", "class_uid", 4002), ("ocsf", "activity_id", 6), ("ocsf", "type_name", "HTTP Activity: Post"),
+        ("ocsf", "http_request", {"http_method": "POST", "url": {"path": "/v1/items", "query_string": "page=2&q="},
+                                  "version": "1.1"}),
+        ("ocsf", "http_response", {"code": 200}),
+        ("ocsf", "dst_endpoint", {"hostname": "api.test", "ip": "2001:db8::2", "port": 443}),
+        ("ocsf", "traffic", {"bytes_out": 12, "bytes_in": 3400, "bytes": 3412}),
+        ("ocsf", "connection_info.uid", "c9"), ("ocsf", "duration", 12), ("ocsf", "action_id", 1),
+        ("ocsf", "firewall_rule", {"uid": "svc.yaml:7", "version": "abc"}),
+        ("ocsf", "unmapped", {"request": 2, "upstream": "[2001:db8::2]:443", "http_version": "HTTP/1.1",
+                              "duration_ms": 12.5, "stream": "pod/1/t"}),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_a_request_lands_in_the_http_fields(fmt, path, expected):
+    """A request's method, target, version, status and body bytes land in the schemas' HTTP fields, the rest in
+    the format's own namespace."""
+    assert dig(FORMATS[fmt].to_format(dict(RECORDS["request-with-query"])), path) == expected
+
+
+@pytest.mark.parametrize(
+    ("method", "activity_id", "activity_name", "type_name"),
+    [
+        ("CONNECT", 1, "Connect", "Connect"), ("DELETE", 2, "Delete", "Delete"), ("GET", 3, "Get", "Get"),
+        ("HEAD", 4, "Head", "Head"), ("OPTIONS", 5, "Options", "Options"), ("POST", 6, "Post", "Post"),
+        ("PUT", 7, "Put", "Put"), ("TRACE", 8, "Trace", "Trace"), ("PATCH", 99, "PATCH", "Other"),
+        ("get", 99, "get", "Other"), (None, 0, "Unknown", "Unknown"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_an_http_activity_takes_its_activity_from_the_method(method, activity_id, activity_name, type_name):
+    """OCSF 1.3.0's HTTP Activity has an activity per method (as sent); any other is 99 named by the method, none
+    is 0 Unknown."""
+    mapped = OCSF.to_format(dict(request(method=method)))
+    assert (mapped["activity_id"], mapped["activity_name"], mapped["type_uid"], mapped["type_name"]) == (
+        activity_id, activity_name, 400200 + activity_id, f"HTTP Activity: {type_name}")
 
 
 def config(argv: list[str], env: dict[str, str], monkeypatch) -> Any:

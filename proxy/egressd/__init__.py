@@ -76,7 +76,8 @@ audit + metrics
     audit stream, and while they cannot be written nothing new is served. Every
     line is sealed into its process's chain by :mod:`egressd.auditchain` (seq,
     chain, signed checkpoints), in the format of :mod:`egressd.auditformats`
-    (native, ECS, OCSF).
+    (native, or ECS and OCSF: the tables of :mod:`egressd.auditformats_ecs`
+    and :mod:`egressd.auditformats_ocsf`, walked by :mod:`egressd.auditformats_map`).
 
 Around it: :mod:`egressd.app` (start, signals, drain), :mod:`egressd.reload`
 (SIGHUP and file changes, last good policy kept), :mod:`egressd.admin`
