@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -213,15 +212,7 @@ def run(args: argparse.Namespace) -> int:
         "failures": session.failures,
         "runs": raw,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(document, indent=2, default=str) + "\n")
-    print(f"\nJSON: {args.json}  ({elapsed:.0f} s)")
-    if args.keep or session.failures:
-        print(f"logs: {runner.save_run_dir(run_dir)}")
-    if isolated:  # the tmpfs would vanish with the namespace, but its mount point would stay behind
-        subprocess.run(["umount", str(run_dir)], capture_output=True, timeout=30)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return 1 if session.failures else 0
+    return runner.finish(args.json, document, elapsed, run_dir, args.keep, session.failures, isolated)
 
 
 def _merge_workers(egressd: dict[str, Any], workers: dict[str, Any]) -> None:

@@ -27,11 +27,9 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -335,15 +333,7 @@ def run(args: argparse.Namespace) -> int:
         "duration_s": round(elapsed, 1), "machine": machine, "params": asdict(args.params), **info,
         "figures": summary, "table": text, "notes": notes, "failures": session.failures, "runs": raw,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(document, indent=2, default=str) + "\n")
-    print(f"\nJSON: {args.json}  ({elapsed:.0f} s)")
-    if args.keep or session.failures:
-        print(f"logs: {runner.save_run_dir(run_dir)}")
-    if isolated:
-        subprocess.run(["umount", str(run_dir)], capture_output=True, timeout=30)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return 1 if session.failures else 0
+    return runner.finish(args.json, document, elapsed, run_dir, args.keep, session.failures, isolated)
 
 
 def _resolves(name: str) -> str | None:

@@ -14,6 +14,7 @@ log, and the session goes on. Every process started is stopped in ``finally``.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -341,6 +342,22 @@ def make_run_dir(isolated: bool) -> Path:
 
 
 KEEP_LIMIT = 64 << 20  # files larger than this (audit records of a full run) are not copied out
+
+
+def finish(json_path: Path, document: dict, elapsed: float, run_dir: Path, keep: bool, failures: list,
+           isolated: bool = False) -> int:
+    """The end of a benchmark session: write ``document`` as JSON to ``json_path``, keep the run directory when
+    asked or when something failed, unmount its tmpfs (``isolated``: the mount point would stay behind), remove
+    it; the exit status (1 when any figure failed)."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+    print(f"\nJSON: {json_path}  ({elapsed:.0f} s)")
+    if keep or failures:
+        print(f"logs: {save_run_dir(run_dir)}")
+    if isolated:
+        subprocess.run(["umount", str(run_dir)], capture_output=True, timeout=30)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return 1 if failures else 0
 
 
 def save_run_dir(run_dir: Path) -> Path:

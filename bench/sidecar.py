@@ -19,7 +19,6 @@ in ``finally``; a phase that fails is recorded and the run goes on.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -234,13 +233,7 @@ def run(args: argparse.Namespace) -> int:
         "figures": {"tunnels": tunnels_summary, "dns": dns_summary}, "tables": tables, "notes": notes,
         "failures": session.failures, "runs": raw,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(document, indent=2, default=str) + "\n")
-    print(f"\nJSON: {args.json}  ({elapsed:.0f} s)")
-    if args.keep or session.failures:
-        print(f"logs: {runner.save_run_dir(run_dir)}")
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return 1 if session.failures else 0
+    return runner.finish(args.json, document, elapsed, run_dir, args.keep, session.failures)
 
 
 def _notes(raw: list[dict[str, Any]]) -> list[str]:
